@@ -1,0 +1,209 @@
+"""Online binning of identity latents with outlier scores; state saves so bins persist."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .config import BinnerConfig
+
+__all__ = ["BinAssignment", "OnlineBinner"]
+
+STATE_FORMAT = "gisaxs-bluesky-binner/1"
+
+
+@dataclass(frozen=True)
+class BinAssignment:
+    """Per-frame result of :meth:`OnlineBinner.assign`."""
+
+    bin_id: np.ndarray  # (N,) int64, stable ids; -1 for frames the model cannot reconstruct
+    outlier_score: np.ndarray  # (N,) float32, > 1 means outlier
+    is_outlier: np.ndarray  # (N,) bool
+    distance: np.ndarray  # (N,) float32 distance to the bin centre, in spread units
+    new_bin: np.ndarray  # (N,) bool, the frame opened its bin
+
+
+class OnlineBinner:
+    """Each identity latent joins the nearest bin or opens a new one.
+
+    ``spread`` is the calibrated within-identity scatter of latents (frames of one identity
+    under every noise kind and dose) and ``recon_threshold`` the reconstruction error that
+    clean simulated frames rarely exceed; :meth:`calibrate` sets both from labelled data.
+    """
+
+    def __init__(
+        self,
+        config: BinnerConfig | None = None,
+        *,
+        spread: float = 1.0,
+        recon_threshold: float = float("inf"),
+        model_sha256: str = "",
+    ) -> None:
+        self.config = config or BinnerConfig()
+        if not np.isfinite(spread) or spread <= 0:
+            raise ValueError(f"spread={spread} must be a finite number > 0")
+        if not recon_threshold > 0:
+            raise ValueError(f"recon_threshold={recon_threshold} must be > 0")
+        self.spread = float(spread)
+        self.recon_threshold = float(recon_threshold)
+        self.model_sha256 = model_sha256
+        self.centroids = np.zeros((0, 0), dtype=np.float64)
+        self.counts = np.zeros(0, dtype=np.int64)
+        self.ids = np.zeros(0, dtype=np.int64)
+        self.next_id = 0
+
+    # ------------------------------------------------------------------ binning
+    @property
+    def n_bins(self) -> int:
+        return len(self.ids)
+
+    def settings(self) -> dict:
+        """What the derived data records about how it was binned."""
+        return {
+            **self.config.to_dict(),
+            "spread": self.spread,
+            "recon_threshold": self.recon_threshold,
+            "model_sha256": self.model_sha256,
+        }
+
+    def summary(self) -> dict:
+        return {"ids": self.ids.tolist(), "counts": self.counts.tolist()}
+
+    def assign(self, identity_latent: np.ndarray, recon_error: np.ndarray) -> BinAssignment:
+        """Bin N frames in order; updates centroids as frames join."""
+        z = np.asarray(identity_latent, dtype=np.float64)
+        err = np.asarray(recon_error, dtype=np.float64).reshape(-1)
+        if z.ndim != 2:
+            raise ValueError(f"identity_latent must be (N, D), got shape {z.shape}")
+        if len(err) != len(z):
+            raise ValueError(f"recon_error has {len(err)} rows, identity_latent has {len(z)}")
+        if self.n_bins and z.shape[1] != self.centroids.shape[1]:
+            raise ValueError(
+                f"identity_latent dimension {z.shape[1]} does not match the binner's "
+                f"{self.centroids.shape[1]} (a different model?)"
+            )
+        n = len(z)
+        bin_id = np.full(n, -1, dtype=np.int64)
+        score = np.zeros(n, dtype=np.float32)
+        dist_out = np.zeros(n, dtype=np.float32)
+        new_bin = np.zeros(n, dtype=bool)
+        radius = self.config.join_radius
+        for i in range(n):
+            finite = np.isfinite(z[i]).all() and np.isfinite(err[i])
+            if not finite:
+                score[i] = np.inf
+                dist_out[i] = np.inf
+                continue
+            recon_score = err[i] / self.recon_threshold
+            if recon_score > 1:
+                # the model cannot explain this frame: it fits no bin, and must not move one
+                score[i] = recon_score
+                dist_out[i] = self._nearest(z[i])[1]
+                continue
+            k, d = self._nearest(z[i])
+            if k < 0 or d > radius:
+                novelty = d / radius if k >= 0 else 0.0
+                k = self._open(z[i])
+                new_bin[i] = True
+                dist_out[i] = 0.0
+                score[i] = max(recon_score, novelty)
+            else:
+                self._join(k, z[i])
+                dist_out[i] = d
+                score[i] = max(recon_score, d / radius)
+            bin_id[i] = self.ids[k]
+        return BinAssignment(bin_id, score, score > 1, dist_out, new_bin)
+
+    def _nearest(self, z: np.ndarray) -> tuple[int, float]:
+        if not self.n_bins:
+            return -1, float("inf")
+        d = np.sqrt(((self.centroids - z) ** 2).sum(axis=1)) / self.spread
+        k = int(d.argmin())
+        return k, float(d[k])
+
+    def _open(self, z: np.ndarray) -> int:
+        if not self.n_bins:
+            self.centroids = z[None].copy()
+        else:
+            self.centroids = np.vstack([self.centroids, z[None]])
+        self.counts = np.append(self.counts, 1)
+        self.ids = np.append(self.ids, self.next_id)
+        self.next_id += 1
+        return self.n_bins - 1
+
+    def _join(self, k: int, z: np.ndarray) -> None:
+        self.counts[k] += 1
+        m = self.config.centroid_momentum
+        rate = m if m > 0 else 1.0 / self.counts[k]
+        self.centroids[k] += rate * (z - self.centroids[k])
+
+    # -------------------------------------------------------------- calibration
+    def calibrate(
+        self, identity_latent: np.ndarray, identity_label: np.ndarray, recon_error: np.ndarray
+    ) -> OnlineBinner:
+        """Set spread and recon_threshold from frames with known identity labels."""
+        z = np.asarray(identity_latent, dtype=np.float64)
+        labels = np.asarray(identity_label)
+        distances = []
+        for label in np.unique(labels):
+            zi = z[labels == label]
+            distances.append(np.sqrt(((zi - zi.mean(axis=0)) ** 2).sum(axis=1)))
+        d = np.concatenate(distances)
+        self.spread = float(max(np.quantile(d, self.config.spread_quantile), 1e-6))
+        self.recon_threshold = float(
+            max(np.quantile(np.asarray(recon_error), self.config.recon_quantile), 1e-6)
+        )
+        return self
+
+    # ------------------------------------------------------------------- state
+    def state_dict(self) -> dict:
+        return {
+            "format": STATE_FORMAT,
+            "config": self.config.to_dict(),
+            "spread": self.spread,
+            "recon_threshold": self.recon_threshold,
+            "model_sha256": self.model_sha256,
+            "centroids": self.centroids.tolist(),
+            "counts": self.counts.tolist(),
+            "ids": self.ids.tolist(),
+            "next_id": self.next_id,
+        }
+
+    @classmethod
+    def from_state(cls, state: dict) -> OnlineBinner:
+        if state.get("format") != STATE_FORMAT:
+            raise ValueError(f"binner state format {state.get('format')!r} is not {STATE_FORMAT!r}")
+        binner = cls(
+            BinnerConfig(**state["config"]),
+            spread=state["spread"],
+            recon_threshold=state["recon_threshold"],
+            model_sha256=state.get("model_sha256", ""),
+        )
+        binner.centroids = np.asarray(state["centroids"], dtype=np.float64).reshape(
+            len(state["ids"]), -1
+        )
+        binner.counts = np.asarray(state["counts"], dtype=np.int64)
+        binner.ids = np.asarray(state["ids"], dtype=np.int64)
+        binner.next_id = int(state["next_id"])
+        return binner
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(json.dumps(self.state_dict()))
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> OnlineBinner:
+        try:
+            state = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ValueError(f"binner state {path} cannot be read: {exc}") from exc
+        return cls.from_state(state)
+
+    def copy(self) -> OnlineBinner:
+        return OnlineBinner.from_state(self.state_dict())

@@ -1,0 +1,891 @@
+"""Live DAE binning of area-detector frames as a Bluesky callback, results written to Tiled.
+
+Usage (all a user types)::
+
+    RE.subscribe(TiledWriter(client, batch_size=1))
+    RE.subscribe(DAEBinningCallback(client))
+
+Each frame of the image stream is encoded by the denoising autoencoder, assigned a bin by the
+online binner and written as one row of the derived node ``/<root>/<raw_uid>-<model>-<ver>``
+beside the raw run (see :mod:`gisaxs_bluesky.store`); ``raw_uid`` in its metadata links back.
+
+Where frames come from, per event of the image stream:
+
+* inline: the image array is in the event's ``data`` (2-D, or 3-D with a leading 1);
+* ``stream_resource``/``stream_datum`` with ``application/x-hdf5``: read live from the file
+  (SWMR, dataset refreshed; a frame that lags behind its datum is retried up to
+  ``frame_timeout`` seconds);
+* legacy ``resource``/``datum``: through ``handler_registry`` (e.g. ``AD_HDF5`` from
+  ``area_detector_handlers`` when installed);
+* otherwise from Tiled (``client[raw_uid][stream][image_key][seq_num - 1]``), e.g. when the
+  detector files are not visible from this machine but ``TiledWriter`` registered them.
+
+Threading: the RunEngine thread only parses documents and enqueues frame references; a single
+worker thread loads frames, encodes in batches (``batch_size`` frames or ``batch_timeout``
+seconds, whichever first), bins, and writes to Tiled.
+
+Queue-full policy: at most ``max_queue`` frames whose pixels are held in memory (inline
+frames) wait for the worker. When that bound is reached the RunEngine thread waits up to
+``put_timeout`` seconds; if still full, the frame is *spilled* to ``spill_dir`` as ``.npy`` and
+queued as a file reference (a few bytes), processed in order when the worker catches up and
+counted in ``n_spilled``. Frames read from files or Tiled are always queued as references.
+Only if spilling fails too (disk full) is a frame dropped: it still gets a row
+(``bin_id == UNPROCESSED_BIN``), its seq_num goes into ``dropped_seq_nums`` and the reason into
+the node's ``errors``. No frame disappears silently.
+
+Failures (bad frame shape/dtype/NaN, missing image key, unreadable file, model error, Tiled
+down) are logged and recorded (``DerivedRunWriter.record_error``); rows of unreadable or
+unencodable frames have ``bin_id == UNPROCESSED_BIN``. Nothing is raised into the RunEngine.
+Tiled faults are absorbed by the store's local backup and re-sent later.
+
+On ``stop`` the worker drains the run's frames, then writes ``status`` (``complete``, or
+``failed`` when the raw run did not succeed, rows could not be stored, or no frame could be
+encoded), ``bin_summary``, ``outlier_count``, ``n_unprocessed``, ``n_spilled`` and
+``dropped_seq_nums``; the binner state is saved so bins stay consistent across scans. The
+RunEngine does not wait for this; call :meth:`DAEBinningCallback.wait` to.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from event_model import DocumentRouter, unpack_event_page
+
+from ..binning import OnlineBinner
+from ..pipeline import UNPROCESSED_BIN, BinningPipeline
+from ..store import DerivedStore
+
+__all__ = [
+    "DAEBinningCallback",
+    "default_binner_path",
+    "default_spill_dir",
+    "find_image_key",
+    "scanned_motors",
+    "serialized",
+]
+
+logger = logging.getLogger(__name__)
+
+HDF5_MIMETYPES = ("application/x-hdf5", "application/x-hdf5-swmr")
+
+
+def _cache_base() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gisaxs_bluesky"
+
+
+def default_binner_path(model_key: str) -> Path:
+    """Per-user binner state file for one model (keyed by sha256), so bins persist across scans."""
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in model_key) or "unknown"
+    return _cache_base() / "binner" / f"{safe}.json"
+
+
+def default_spill_dir() -> Path:
+    """Per-user directory for frames spilled from a full queue."""
+    return _cache_base() / "spill"
+
+
+def find_image_key(data_keys: Mapping[str, Mapping[str, Any]]) -> str | None:
+    """The data key holding a 2-D image (shape [H, W] or [1, H, W]); the largest if several."""
+    best, best_size = None, 0
+    for key, dk in data_keys.items():
+        shape = [int(s) for s in (dk.get("shape") or []) if s is not None]
+        if len(shape) == 3 and shape[0] == 1:
+            shape = shape[1:]
+        if len(shape) != 2:
+            continue
+        size = shape[0] * shape[1]
+        if size > best_size:
+            best, best_size = key, size
+    return best
+
+
+def scanned_motors(start: Mapping[str, Any]) -> list[str]:
+    """Motor names from the start document: ``motors``, else ``hints.dimensions`` fields."""
+    motors = [str(m) for m in (start.get("motors") or [])]
+    if not motors:
+        for fields, _stream in (start.get("hints") or {}).get("dimensions") or []:
+            motors += [str(f) for f in fields if f != "time"]
+    return list(dict.fromkeys(motors))
+
+
+def serialized(callback: Callable[[str, dict], Any], lock: Any) -> Callable[[str, dict], Any]:
+    """``callback`` called under ``lock``: pair with ``DAEBinningCallback(write_lock=lock)``.
+
+    Needed when Tiled keeps tables in SQLite (one writer at a time; a concurrent append
+    fails with "database is locked"): wrap ``TiledWriter`` with the same lock so raw and
+    derived writes never overlap. Not needed with PostgreSQL table storage.
+    """
+
+    def locked(name: str, doc: dict) -> Any:
+        with lock:
+            return callback(name, doc)
+
+    locked.__wrapped__ = callback  # type: ignore[attr-defined]
+    return locked
+
+
+# ---------------------------------------------------------------------------- per-run state
+@dataclass
+class _Stream:
+    name: str
+    image_key: str
+    shape: tuple[int, ...] | None
+
+
+@dataclass
+class _RunState:
+    uid: str
+    start: dict
+    motors: list[str]
+    descriptors: dict[str, _Stream] = field(default_factory=dict)
+    image_descriptor: str | None = None
+    stream_resources: dict[str, dict] = field(default_factory=dict)
+    resources: dict[str, dict] = field(default_factory=dict)
+    datums: dict[str, dict] = field(default_factory=dict)
+    # (descriptor uid, seq_num) -> loader / waiting event
+    datum_by_seq: dict[tuple[str, int], tuple[Callable[[], np.ndarray], str]] = field(
+        default_factory=dict)
+    events_waiting: dict[tuple[str, int], tuple[float, dict[str, float]]] = field(
+        default_factory=dict)
+    pending_errors: list[str] = field(default_factory=list)
+    writer: Any = None
+    writer_failed: str | None = None
+    n_enqueued: int = 0
+    n_rows: int = 0
+    n_unprocessed: int = 0
+    n_spilled: int = 0
+    dropped: list[int] = field(default_factory=list)
+    store_errors: int = 0
+    done: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def scan_id(self) -> int | None:
+        sid = self.start.get("scan_id")
+        return int(sid) if isinstance(sid, int | np.integer) else None
+
+
+@dataclass
+class _Frame:
+    run: _RunState
+    seq_num: int
+    time: float
+    positions: dict[str, float]
+    data: np.ndarray | None = None
+    loader: Callable[[], np.ndarray] | None = None
+    source: str = "event"
+    error: str | None = None
+    in_memory: bool = False
+
+
+@dataclass
+class _Finish:
+    run: _RunState
+    exit_status: str
+    reason: str
+
+
+class _Sentinel:
+    pass
+
+
+_CLOSE = _Sentinel()
+
+
+# ------------------------------------------------------------------------------ readers
+class _H5Reader:
+    """Reads frames from (possibly still growing) HDF5 files; used on the worker thread only."""
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self._files: dict[str, Any] = {}
+
+    def read(self, path: str, dataset: str, index: int) -> np.ndarray:
+        import h5py
+
+        deadline = time.monotonic() + self.timeout
+        last = "not opened"
+        while True:
+            try:
+                f = self._files.get(path)
+                if f is None:
+                    f = h5py.File(path, "r", swmr=True, libver="latest")
+                    self._files[path] = f
+                ds = f[dataset]
+                ds.refresh()
+                if ds.shape[0] > index:
+                    return np.asarray(ds[index])
+                last = f"dataset {dataset!r} holds {ds.shape[0]} frames"
+            except (OSError, KeyError) as exc:
+                last = f"{type(exc).__name__}: {exc}"
+                self.close(path)
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"frame index {index} of {path}:{dataset} not readable after "
+                    f"{self.timeout:.1f} s ({last})"
+                )
+            time.sleep(0.02)
+
+    def close(self, path: str | None = None) -> None:
+        paths = [path] if path is not None else list(self._files)
+        for p in paths:
+            f = self._files.pop(p, None)
+            if f is not None:
+                try:
+                    f.close()
+                except Exception:  # noqa: BLE001
+                    pass
+
+
+def _uri_to_path(uri: str) -> str:
+    from urllib.parse import unquote, urlparse
+
+    parsed = urlparse(uri)
+    if parsed.scheme not in ("", "file"):
+        raise ValueError(f"stream_resource uri {uri!r}: scheme {parsed.scheme!r} is not a file")
+    return unquote(parsed.path) if parsed.scheme else uri
+
+
+def _default_handlers() -> dict[str, Callable[..., Any]]:
+    try:
+        from area_detector_handlers.handlers import AreaDetectorHDF5Handler
+    except ImportError:
+        return {}
+    return {"AD_HDF5": AreaDetectorHDF5Handler}
+
+
+# ---------------------------------------------------------------------------- callback
+class DAEBinningCallback(DocumentRouter):
+    """Bluesky callback: encode, bin and store every frame of a run's image stream.
+
+    Parameters (all optional except ``client``): ``encoder`` (default ``load_pretrained()``),
+    ``binner`` (default: saved state for this model under ``binner_state_path`` or
+    ``make_binner(encoder)``), ``image_key`` (default: found in the descriptor),
+    ``stream_name`` (default: the first stream with an image), ``root``/``backup_dir`` of the
+    :class:`~gisaxs_bluesky.store.DerivedStore`, batching (``batch_size``,
+    ``batch_timeout``), queue policy (``max_queue``, ``put_timeout``, ``spill_dir``),
+    ``frame_timeout`` (wait for lagging HDF5 frames), ``handler_registry`` for legacy
+    resources, ``mask`` (pixels to ignore), ``extra_metadata`` for every derived node.
+    """
+
+    def __init__(
+        self,
+        client: Any,
+        *,
+        encoder: Any = None,
+        binner: OnlineBinner | None = None,
+        image_key: str | None = None,
+        stream_name: str | None = None,
+        root: str = "gisaxs_derived",
+        backup_dir: str | Path | None = None,
+        binner_state_path: str | Path | None = None,
+        persist_binner: bool | None = None,
+        batch_size: int = 16,
+        batch_timeout: float = 0.5,
+        max_queue: int = 64,
+        put_timeout: float = 0.2,
+        spill_dir: str | Path | None = None,
+        frame_timeout: float = 5.0,
+        handler_registry: Mapping[str, Callable[..., Any]] | None = None,
+        mask: np.ndarray | None = None,
+        device: str = "auto",
+        extra_metadata: Mapping[str, Any] | None = None,
+        write_lock: Any = None,
+    ) -> None:
+        super().__init__()
+        from ..models import load_pretrained, make_binner
+
+        if batch_size < 1 or max_queue < 1:
+            raise ValueError(f"batch_size={batch_size} and max_queue={max_queue} must be >= 1")
+        if batch_timeout <= 0 or put_timeout < 0 or frame_timeout < 0:
+            raise ValueError(
+                f"batch_timeout={batch_timeout} must be > 0, put_timeout={put_timeout} and "
+                f"frame_timeout={frame_timeout} >= 0"
+            )
+        self.client = client
+        self.encoder = encoder if encoder is not None else load_pretrained(device)
+        model_key = self.encoder.sha256 or f"{self.encoder.name}-{self.encoder.version}"
+        if persist_binner is None:
+            persist_binner = binner is None or binner_state_path is not None
+        self.binner_state_path: Path | None = None
+        if persist_binner:
+            self.binner_state_path = Path(binner_state_path or default_binner_path(model_key))
+        if binner is None:
+            binner = self._load_binner(make_binner)
+        self.pipeline = BinningPipeline(self.encoder, binner, mask=mask, batch_size=batch_size)
+        self.image_key = image_key
+        self.stream_name = stream_name
+        self.root = root
+        self.backup_dir = backup_dir
+        self.batch_size = int(batch_size)
+        self.batch_timeout = float(batch_timeout)
+        self.max_queue = int(max_queue)
+        self.put_timeout = float(put_timeout)
+        self.spill_dir = Path(spill_dir) if spill_dir is not None else default_spill_dir()
+        self.frame_timeout = float(frame_timeout)
+        self.handler_registry = dict(_default_handlers(), **(handler_registry or {}))
+        self.extra_metadata = dict(extra_metadata or {})
+        self.write_lock = write_lock if write_lock is not None else contextlib.nullcontext()
+
+        self._runs: dict[str, _RunState] = {}
+        self._descriptor_run: dict[str, str] = {}
+        self._resource_run: dict[str, str] = {}
+        self._datum_run: dict[str, str] = {}
+        self._queue: deque[Any] = deque()
+        self._cond = threading.Condition()
+        self._in_memory = 0
+        self._unfinished = 0
+        self._store: DerivedStore | None = None
+        self._h5 = _H5Reader(self.frame_timeout)
+        self._handlers: dict[str, Any] = {}
+        self._worker: threading.Thread | None = None
+        self._closed = False
+        self.last_writer: Any = None  # writer of the most recently finished run
+
+    @property
+    def binner(self) -> OnlineBinner:
+        return self.pipeline.binner
+
+    def _load_binner(self, make_binner: Callable[[Any], OnlineBinner]) -> OnlineBinner:
+        fresh = make_binner(self.encoder)
+        path = self.binner_state_path
+        if path is None or not path.exists():
+            return fresh
+        try:
+            saved = OnlineBinner.load(path)
+        except ValueError as exc:
+            logger.warning("ignoring binner state %s: %s", path, exc)
+            return fresh
+        if saved.model_sha256 != fresh.model_sha256:
+            logger.warning("binner state %s is for another model; starting fresh bins", path)
+            return fresh
+        return saved
+
+    # ------------------------------------------------------------------ document entry
+    def __call__(self, name: str, doc: dict, validate: bool = False) -> tuple[str, dict]:
+        """Route a document; any exception is logged and recorded, never raised."""
+        try:
+            return super().__call__(name, doc, validate)
+        except Exception as exc:  # noqa: BLE001 - must never abort the scan
+            logger.exception("DAEBinningCallback failed on %r document", name)
+            run = self._run_for(name, doc)
+            if run is not None:
+                run.pending_errors.append(f"{name} document: {type(exc).__name__}: {exc}")
+            return name, doc
+
+    def _run_for(self, name: str, doc: Mapping[str, Any]) -> _RunState | None:
+        uid = None
+        if name == "start":
+            uid = doc.get("uid")
+        elif "run_start" in doc:
+            uid = doc.get("run_start")
+        elif "descriptor" in doc:
+            uid = self._descriptor_run.get(doc["descriptor"])
+        elif name in ("datum", "datum_page"):
+            uid = self._resource_run.get(doc.get("resource", ""))
+        return self._runs.get(uid) if uid else None
+
+    # ---------------------------------------------------------------------- documents
+    def start(self, doc: dict) -> None:
+        run = _RunState(uid=doc["uid"], start=dict(doc), motors=scanned_motors(doc))
+        self._runs[run.uid] = run
+        self._ensure_worker()
+
+    def descriptor(self, doc: dict) -> None:
+        run = self._runs.get(doc.get("run_start", ""))
+        if run is None:
+            return
+        self._descriptor_run[doc["uid"]] = run.uid
+        data_keys = doc.get("data_keys") or {}
+        key = self.image_key if self.image_key is not None else find_image_key(data_keys)
+        name = doc.get("name", "primary")
+        if key is None or key not in data_keys:
+            if self.image_key is not None and (self.stream_name in (None, name)):
+                run.pending_errors.append(
+                    f"stream {name!r}: image_key {self.image_key!r} not in data keys "
+                    f"{sorted(data_keys)}"
+                )
+            return
+        if self.stream_name is not None and name != self.stream_name:
+            return
+        if run.image_descriptor is not None:
+            first = run.descriptors[run.image_descriptor]
+            if first.name != name:
+                logger.info("run %s: ignoring image stream %r (binning %r)", run.uid, name,
+                            first.name)
+                return
+        shape = [int(s) for s in data_keys[key].get("shape") or []]
+        if len(shape) == 3 and shape[0] == 1:
+            shape = shape[1:]
+        run.descriptors[doc["uid"]] = _Stream(name, key, tuple(shape) if shape else None)
+        run.image_descriptor = run.image_descriptor or doc["uid"]
+
+    def event_page(self, doc: dict) -> None:
+        stream = None
+        run = self._runs.get(self._descriptor_run.get(doc["descriptor"], ""))
+        if run is not None:
+            stream = run.descriptors.get(doc["descriptor"])
+        if run is None or stream is None:
+            return
+        for event in unpack_event_page(doc):
+            try:
+                self._on_event(run, stream, event)
+            except Exception as exc:  # noqa: BLE001 - one bad event must not hide the rest
+                logger.exception("event seq_num=%s", event.get("seq_num"))
+                run.pending_errors.append(
+                    f"event seq_num={event.get('seq_num')}: {type(exc).__name__}: {exc}"
+                )
+
+    def _on_event(self, run: _RunState, stream: _Stream, event: dict) -> None:
+        seq = int(event["seq_num"])
+        data = event.get("data") or {}
+        positions = {m: _as_float(data.get(m)) for m in run.motors}
+        t = float(event.get("time", time.time()))
+        key = (event["descriptor"], seq)
+        if stream.image_key in data:
+            value = data[stream.image_key]
+            filled = (event.get("filled") or {}).get(stream.image_key, True)
+            if isinstance(value, str) and filled is not True:
+                loader, source = self._datum_loader(run, stream, value, seq)
+                self._put(_Frame(run, seq, t, positions, loader=loader, source=source))
+            else:
+                self._put(_Frame(run, seq, t, positions, data=value, source="event data",
+                                 in_memory=True))
+        elif key in run.datum_by_seq:
+            loader, source = run.datum_by_seq.pop(key)
+            self._put(_Frame(run, seq, t, positions, loader=loader, source=source))
+        else:
+            run.events_waiting[key] = (t, positions)
+
+    def stream_resource(self, doc: dict) -> None:
+        run = self._runs.get(doc.get("run_start", ""))
+        if run is not None:
+            run.stream_resources[doc["uid"]] = dict(doc)
+            self._resource_run[doc["uid"]] = run.uid
+
+    def stream_datum(self, doc: dict) -> None:
+        run = self._runs.get(self._descriptor_run.get(doc["descriptor"], ""))
+        if run is None:
+            return
+        stream = run.descriptors.get(doc["descriptor"])
+        resource = run.stream_resources.get(doc["stream_resource"])
+        if stream is None or resource is None or resource.get("data_key") != stream.image_key:
+            return
+        s0, s1 = int(doc["seq_nums"]["start"]), int(doc["seq_nums"]["stop"])
+        i0 = int(doc["indices"]["start"])
+        for seq in range(s0, s1):
+            loader, source = self._stream_loader(run, stream, resource, i0 + seq - s0, seq)
+            key = (doc["descriptor"], seq)
+            waiting = run.events_waiting.pop(key, None)
+            if waiting is None:
+                run.datum_by_seq[key] = (loader, source)
+            else:
+                t, positions = waiting
+                self._put(_Frame(run, seq, t, positions, loader=loader, source=source))
+
+    def resource(self, doc: dict) -> None:
+        run = self._runs.get(doc.get("run_start", ""))
+        if run is not None:
+            run.resources[doc["uid"]] = dict(doc)
+            self._resource_run[doc["uid"]] = run.uid
+
+    def datum(self, doc: dict) -> None:
+        uid = self._resource_run.get(doc["resource"])
+        if uid in self._runs:
+            self._runs[uid].datums[doc["datum_id"]] = dict(doc)
+            self._datum_run[doc["datum_id"]] = uid
+
+    def stop(self, doc: dict) -> None:
+        run = self._runs.pop(doc.get("run_start", ""), None)
+        if run is None:
+            return
+        # frames whose event never came (fly scans): NaN positions; events without frames
+        for (desc, seq), (loader, source) in sorted(run.datum_by_seq.items(), key=_by_seq):
+            nan = {m: float("nan") for m in run.motors}
+            self._put(_Frame(run, seq, float(doc.get("time", time.time())), nan, loader=loader,
+                             source=source))
+        for (desc, seq), (t, positions) in sorted(run.events_waiting.items(), key=_by_seq):
+            self._put(_Frame(run, seq, t, positions, source="event",
+                             error=f"frame seq_num={seq}: no frame data arrived for image key "
+                                   f"{run.descriptors[desc].image_key!r} by the stop document"))
+        run.datum_by_seq.clear()
+        run.events_waiting.clear()
+        for d in list(run.descriptors):
+            self._descriptor_run.pop(d, None)
+        for d in [k for k, v in self._descriptor_run.items() if v == run.uid]:
+            self._descriptor_run.pop(d, None)
+        for r in list(run.stream_resources) + list(run.resources):
+            self._resource_run.pop(r, None)
+        for d in list(run.datums):
+            self._datum_run.pop(d, None)
+        if not run.descriptors and not run.n_enqueued and not run.pending_errors:
+            run.done.set()  # no image stream: nothing to write
+            return
+        self._put(_Finish(run, str(doc.get("exit_status", "success")), str(doc.get("reason", ""))))
+
+    # ------------------------------------------------------------------------ loaders
+    def _stream_loader(
+        self, run: _RunState, stream: _Stream, resource: dict, index: int, seq: int
+    ) -> tuple[Callable[[], np.ndarray], str]:
+        mimetype = resource.get("mimetype", "")
+        if mimetype in HDF5_MIMETYPES:
+            try:
+                path = _uri_to_path(resource["uri"])
+            except ValueError:
+                path = None
+            dataset = (resource.get("parameters") or {}).get("dataset", "/entry/data/data")
+            if path is not None and os.path.exists(os.path.dirname(path) or "."):
+                tiled = self._tiled_loader(run, stream, seq)
+
+                def load() -> np.ndarray:
+                    try:
+                        return self._h5.read(path, dataset, index)
+                    except (OSError, TimeoutError):
+                        if not os.path.exists(path):
+                            return tiled()
+                        raise
+
+                return load, f"{path}:{dataset}[{index}]"
+        return self._tiled_loader(run, stream, seq), f"tiled {run.uid}/{stream.name}"
+
+    def _datum_loader(
+        self, run: _RunState, stream: _Stream, datum_id: str, seq: int
+    ) -> tuple[Callable[[], np.ndarray], str]:
+        datum = run.datums.get(datum_id)
+        resource = run.resources.get(datum["resource"]) if datum else None
+        handler_cls = self.handler_registry.get(resource["spec"]) if resource else None
+        if datum is None or resource is None or handler_cls is None:
+            why = ("unknown datum" if datum is None else "unknown resource"
+                   if resource is None else f"no handler for spec {resource['spec']!r}")
+            logger.debug("datum %s: %s; reading from Tiled", datum_id, why)
+            return self._tiled_loader(run, stream, seq), f"tiled ({why})"
+        rkey = resource["uid"]
+
+        def load() -> np.ndarray:
+            handler = self._handlers.get(rkey)
+            if handler is None:
+                path = os.path.join(resource.get("root", ""), resource["resource_path"])
+                handler = handler_cls(path, **resource.get("resource_kwargs", {}))
+                self._handlers[rkey] = handler
+            return np.asarray(handler(**datum.get("datum_kwargs", {})))
+
+        return load, f"{resource['spec']} {resource['resource_path']} {datum['datum_kwargs']}"
+
+    def _tiled_loader(self, run: _RunState, stream: _Stream, seq: int) -> Callable[[], np.ndarray]:
+        uid, stream_name, key, timeout = run.uid, stream.name, stream.image_key, self.frame_timeout
+
+        def load() -> np.ndarray:
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    node = self.client[uid][stream_name][key]
+                    if node.shape[0] >= seq:
+                        return np.asarray(node[seq - 1])
+                    last = f"{node.shape[0]} frames stored"
+                except KeyError as exc:
+                    last = f"KeyError {exc}"
+                if time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"frame seq_num={seq} not in Tiled {uid}/{stream_name}/{key} after "
+                        f"{timeout:.1f} s ({last})"
+                    )
+                time.sleep(0.05)
+
+        return load
+
+    # ------------------------------------------------------------------------- queue
+    def _ensure_worker(self) -> None:
+        if self._worker is None or not self._worker.is_alive():
+            self._closed = False
+            self._worker = threading.Thread(target=self._loop, name="dae-binning", daemon=True)
+            self._worker.start()
+
+    def _put(self, item: _Frame | _Finish) -> None:
+        """Queue an item (RunEngine thread); applies the queue-full policy to in-memory frames."""
+        if isinstance(item, _Frame):
+            item.run.n_enqueued += 1
+        with self._cond:
+            if isinstance(item, _Frame) and item.in_memory and self._in_memory >= self.max_queue:
+                deadline = time.monotonic() + self.put_timeout
+                while self._in_memory >= self.max_queue:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    self._cond.wait(remaining)
+                full = self._in_memory >= self.max_queue
+            else:
+                full = False
+        if full:
+            self._spill(item)  # type: ignore[arg-type]
+        with self._cond:
+            if isinstance(item, _Frame) and item.in_memory:
+                self._in_memory += 1
+            self._unfinished += 1
+            self._queue.append(item)
+            self._cond.notify_all()
+
+    def _spill(self, item: _Frame) -> None:
+        run = item.run
+        path = self.spill_dir / run.uid / f"seq-{item.seq_num:08d}.npy"
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            np.save(path, np.asarray(item.data), allow_pickle=False)
+        except Exception as exc:  # noqa: BLE001 - disk full, bad object...
+            run.dropped.append(item.seq_num)
+            item.error = (f"frame seq_num={item.seq_num}: dropped, queue full "
+                          f"({self.max_queue} frames) and spill to {path} failed: {exc}")
+            logger.error(item.error)
+        else:
+            run.n_spilled += 1
+            item.loader = lambda: _load_and_remove(path)
+            item.source = f"spilled {path}"
+        item.data = None
+        item.in_memory = False
+
+    def _take_batch(self) -> list[Any]:
+        """Worker: wait for items; return up to batch_size frames (+ a trailing control item)."""
+        with self._cond:
+            while not self._queue:
+                self._cond.wait()
+            first = self._queue.popleft()
+            batch = [first]
+            if not isinstance(first, _Frame):
+                return batch
+            deadline = time.monotonic() + self.batch_timeout
+            while len(batch) < self.batch_size:
+                if self._queue:
+                    item = self._queue.popleft()
+                    batch.append(item)
+                    if not isinstance(item, _Frame):
+                        break
+                    continue
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self._closed:
+                    break
+                self._cond.wait(remaining)
+            return batch
+
+    def _loop(self) -> None:
+        while True:
+            batch = self._take_batch()
+            try:
+                self._handle(batch)
+            except Exception:  # noqa: BLE001 - the worker must survive anything
+                logger.exception("DAE binning worker failed on a batch")
+            finally:
+                with self._cond:
+                    self._in_memory -= sum(1 for i in batch if isinstance(i, _Frame)
+                                           and i.in_memory)
+                    self._unfinished -= len(batch)
+                    self._cond.notify_all()
+            if any(item is _CLOSE for item in batch):
+                self._h5.close()
+                return
+
+    def _handle(self, batch: list[Any]) -> None:
+        frames: list[_Frame] = []
+        for item in batch:
+            if isinstance(item, _Frame):
+                if frames and frames[-1].run is not item.run:
+                    self._process(frames)
+                    frames = []
+                frames.append(item)
+                continue
+            if frames:
+                self._process(frames)
+                frames = []
+            if isinstance(item, _Finish):
+                self._finish(item)
+        if frames:
+            self._process(frames)
+
+    # ------------------------------------------------------------------------ worker
+    def _writer(self, run: _RunState) -> Any:
+        if run.writer is not None or run.writer_failed:
+            return run.writer
+        try:
+            if self._store is None:
+                self._store = DerivedStore(self.client, root=self.root, backup_dir=self.backup_dir)
+            stream = run.descriptors.get(run.image_descriptor or "")
+            md = {
+                "stream": stream.name if stream else None,
+                "image_key": stream.image_key if stream else None,
+                "plan_name": run.start.get("plan_name"),
+                "raw_start_time": run.start.get("time"),
+                "producer": "gisaxs_bluesky.callbacks.DAEBinningCallback",
+                **self.extra_metadata,
+            }
+            run.writer = self.pipeline.open_writer(
+                self._store, run.uid, scan_id=run.scan_id, motors=run.motors, extra_metadata=md
+            )
+        except Exception as exc:  # noqa: BLE001
+            run.writer_failed = f"cannot open derived node: {type(exc).__name__}: {exc}"
+            logger.exception("run %s: %s", run.uid, run.writer_failed)
+        return run.writer
+
+    def _process(self, items: list[_Frame]) -> None:
+        """Worker: load, encode and bin a batch of one run's frames, then store the rows."""
+        run = items[0].run
+        errors = list(run.pending_errors)
+        run.pending_errors.clear()
+        frames: list[Any] = []
+        for it in items:
+            if it.error is not None:
+                errors.append(it.error)
+                frames.append(None)
+                continue
+            try:
+                frames.append(it.data if it.loader is None else it.loader())
+            except Exception as exc:  # noqa: BLE001
+                errors.append(f"frame seq_num={it.seq_num}: cannot read from {it.source}: "
+                              f"{type(exc).__name__}: {exc}")
+                frames.append(None)
+            it.data = None
+        expected = None
+        if run.image_descriptor is not None:
+            expected = run.descriptors[run.image_descriptor].shape
+        positions = {m: [it.positions.get(m, float("nan")) for it in items] for m in run.motors}
+        result = self.pipeline.process(
+            frames, [it.seq_num for it in items], [it.time for it in items], positions,
+            expected_shape=expected,
+        )
+        reported = {f"frame seq_num={it.seq_num}: no frame data"
+                    for it, f in zip(items, frames, strict=True) if f is None}
+        errors += [e for e in result.errors if e not in reported]
+        run.n_rows += result.n_rows
+        run.n_unprocessed += int(np.count_nonzero(result.rows["bin_id"] == UNPROCESSED_BIN))
+        with self.write_lock:  # only Tiled I/O under the lock, never the model
+            self._store_rows(run, result.rows, errors)
+
+    def _store_rows(self, run: _RunState, rows: dict[str, np.ndarray], errors: list[str]) -> None:
+        writer = self._writer(run)
+        if writer is None:
+            logger.error("run %s: %d rows not stored (%s)", run.uid, len(rows["seq_num"]),
+                         run.writer_failed)
+            run.store_errors += 1
+            return
+        try:
+            writer.append(rows)
+        except Exception as exc:  # noqa: BLE001
+            run.store_errors += 1
+            errors.append(f"rows seq_num={rows['seq_num'].tolist()} not stored: "
+                          f"{type(exc).__name__}: {exc}")
+            logger.exception("run %s: append failed", run.uid)
+        if errors:
+            for e in errors:
+                logger.warning("run %s: %s", run.uid, e)
+            writer.record_error("; ".join(errors))
+
+    def _finish(self, item: _Finish) -> None:
+        with self.write_lock:
+            self._finish_locked(item)
+
+    def _finish_locked(self, item: _Finish) -> None:
+        run = item.run
+        try:
+            if run.pending_errors:
+                writer = self._writer(run)
+                if writer is not None:
+                    writer.record_error("; ".join(run.pending_errors))
+                run.pending_errors.clear()
+            failed = (
+                item.exit_status != "success"
+                or run.writer_failed is not None
+                or run.store_errors > 0
+                or (run.n_rows > 0 and run.n_unprocessed == run.n_rows)
+            )
+            self._save_binner()
+            writer = self._writer(run)
+            if writer is not None:
+                summary = self.binner.summary()
+                writer.finish(
+                    "failed" if failed else "complete",
+                    raw_exit_status=item.exit_status,
+                    raw_reason=item.reason,
+                    binner_summary=summary,
+                    n_unprocessed=run.n_unprocessed,
+                    n_spilled=run.n_spilled,
+                    dropped_seq_nums=list(run.dropped),
+                )
+                self.last_writer = writer
+        except Exception:  # noqa: BLE001
+            logger.exception("run %s: finishing the derived node failed", run.uid)
+        finally:
+            spill = self.spill_dir / run.uid
+            if spill.is_dir():
+                for p in spill.glob("*.npy"):
+                    p.unlink(missing_ok=True)
+                try:
+                    spill.rmdir()
+                except OSError:
+                    pass
+            run.done.set()
+
+    def _save_binner(self) -> None:
+        if self.binner_state_path is None:
+            return
+        try:
+            self.binner.save(self.binner_state_path)
+        except Exception as exc:  # noqa: BLE001
+            logger.warning("cannot save binner state to %s: %s", self.binner_state_path, exc)
+
+    # ------------------------------------------------------------------------ control
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until every queued frame and run finish is processed; False on timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while self._unfinished > 0:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                self._cond.wait(remaining)
+        return True
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Alias of :meth:`wait` (the worker never holds a partial batch longer than batch_timeout)."""
+        return self.wait(timeout)
+
+    def close(self, timeout: float | None = 30.0) -> None:
+        """Drain the queue and stop the worker thread (a later run starts it again)."""
+        worker = self._worker
+        if worker is None or not worker.is_alive():
+            return
+        with self._cond:
+            self._closed = True
+            self._unfinished += 1
+            self._queue.append(_CLOSE)
+            self._cond.notify_all()
+        worker.join(timeout)
+
+    @property
+    def queued(self) -> int:
+        """Items (frames and run finishes) not yet processed."""
+        with self._cond:
+            return self._unfinished
+
+
+def _as_float(value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def _by_seq(kv: tuple[tuple[str, int], Any]) -> int:
+    return kv[0][1]
+
+
+def _load_and_remove(path: Path) -> np.ndarray:
+    frame = np.load(path, allow_pickle=False)
+    path.unlink(missing_ok=True)
+    return frame
+

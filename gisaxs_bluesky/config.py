@@ -1,0 +1,60 @@
+"""Numbers that matter, in one place: model resolution, latent sizes, binning thresholds."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+__all__ = ["PreprocessConfig", "ModelConfig", "BinnerConfig"]
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """How a detector frame becomes model input.
+
+    Frames are reduced to ``out_shape`` by masked block means (any input size), divided by the
+    frame's median block mean (dose normalisation) and log-compressed: x = log1p(I / median).
+    Pixels < 0 (Pilatus -1 gaps, -2 bad) and non-finite pixels are masked, as are ``mask`` pixels.
+    """
+
+    out_shape: tuple[int, int] = (128, 128)
+    min_valid_fraction: float = 0.25  # a block with fewer valid pixels counts as masked
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of the denoising autoencoder (kept in every checkpoint card)."""
+
+    in_channels: int = 3  # log intensity, valid fraction, detector-flagged fraction
+    base_channels: int = 16
+    identity_dim: int = 16  # latent part that carries structure / radius / distance
+    noise_dim: int = 8  # latent part that carries the noise kinds
+    n_noise_kinds: int = 10
+    n_structures: int = 5
+
+    @property
+    def latent_dim(self) -> int:
+        return self.identity_dim + self.noise_dim
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class BinnerConfig:
+    """Online binning in the identity latent space.
+
+    A frame joins the nearest bin when its distance is below ``join_radius`` (in units of the
+    calibrated within-identity spread); its outlier score is the larger of recon_error /
+    recon_threshold and distance / (join_radius * spread): above 1 means outlier.
+    """
+
+    join_radius: float = 2.0  # two frames of one identity can sit 2 spreads apart
+    recon_quantile: float = 0.995
+    spread_quantile: float = 0.995
+    centroid_momentum: float = 0.0  # 0: running mean; >0: exponential moving average
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,218 @@
+"""Inference: frames -> latents, noise-kind probabilities, reconstruction error, identity."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..config import PreprocessConfig
+from ..sim.noise import NOISE_KINDS
+from ..sim.sample import STRUCTURES
+from .checkpoint import CheckpointError, load_checkpoint
+from .dae import GisaxsDAE
+from .preprocess import preprocess
+
+__all__ = [
+    "EncodeResult",
+    "Encoder",
+    "load_encoder",
+    "load_pretrained",
+    "pretrained_path",
+    "resolve_device",
+    "recon_error",
+]
+
+PRETRAINED_NAME = "gisaxs-dae-small"
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """'auto' -> CUDA when present, else CPU; anything else as torch understands it."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device} requested but CUDA is not available on this machine")
+    return device
+
+
+def recon_error(recon: torch.Tensor, inputs: torch.Tensor, pool: int = 4) -> torch.Tensor:
+    """Robust reconstruction error per frame: median |difference| over coarse valid blocks.
+
+    Both sides are averaged over pool x pool blocks of the 64 x 64 reconstruction (16 x 16 blocks),
+    which averages photon noise away; the median ignores sparse artefacts (hot pixels, zingers),
+    so what stays is a pattern the model cannot explain.
+    """
+    log_i = torch.nn.functional.avg_pool2d(inputs[:, :1], 2)[:, 0]
+    valid = torch.nn.functional.avg_pool2d(inputs[:, 1:2], 2)[:, 0]
+    weight = torch.nn.functional.avg_pool2d(valid[:, None], pool)[:, 0]
+    a = torch.nn.functional.avg_pool2d((recon * valid)[:, None], pool)[:, 0]
+    b = torch.nn.functional.avg_pool2d((log_i * valid)[:, None], pool)[:, 0]
+    diff = (a - b).abs() / weight.clamp_min(1e-3)
+    diff = torch.where(weight > 0.5, diff, torch.full_like(diff, float("nan")))
+    return torch.nanmedian(diff.flatten(1), dim=1).values.nan_to_num(0.0)
+
+
+@dataclass
+class EncodeResult:
+    """Per-frame results of :meth:`Encoder.encode` (N frames)."""
+
+    latent: np.ndarray  # (N, identity_dim + noise_dim) float32, identity part first
+    identity_dim: int
+    noise_prob: np.ndarray  # (N, n_noise_kinds) float32
+    recon_error: np.ndarray  # (N,) float32
+    structure_prob: np.ndarray  # (N, n_structures) float32
+    radius_nm: np.ndarray  # (N,) float32
+    distance_nm: np.ndarray  # (N,) float32
+    noise_kinds: tuple[str, ...] = NOISE_KINDS
+    structures: tuple[str, ...] = STRUCTURES
+    denoised: np.ndarray | None = field(default=None, repr=False)  # (N, 64, 64) log intensity
+
+    def __len__(self) -> int:
+        return len(self.latent)
+
+    @property
+    def identity_latent(self) -> np.ndarray:
+        return self.latent[:, : self.identity_dim]
+
+    @property
+    def noise_latent(self) -> np.ndarray:
+        return self.latent[:, self.identity_dim :]
+
+    @property
+    def structure(self) -> np.ndarray:
+        return np.asarray(self.structures)[self.structure_prob.argmax(axis=1)]
+
+    def noise_detected(self, threshold: float = 0.5) -> list[list[str]]:
+        return [[k for k, p in zip(self.noise_kinds, row, strict=True) if p >= threshold]
+                for row in self.noise_prob]
+
+
+class Encoder:
+    """A loaded DAE ready for batched inference on CPU or CUDA."""
+
+    def __init__(self, model: GisaxsDAE, card: dict, device: str | torch.device = "auto") -> None:
+        self.device = resolve_device(device)
+        self.model = model.to(self.device).eval()
+        self.card = card
+        self.preprocess_config = PreprocessConfig(
+            **{k: tuple(v) if isinstance(v, list) else v for k, v in card.get("preprocess", {}).items()}
+        )
+        self.noise_kinds = tuple(card.get("noise_kinds", NOISE_KINDS))
+        self.structures = tuple(card.get("structures", STRUCTURES))
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="gisaxs-preprocess")
+
+    @property
+    def name(self) -> str:
+        return self.card.get("name", PRETRAINED_NAME)
+
+    @property
+    def version(self) -> str:
+        return str(self.card.get("version", "0"))
+
+    @property
+    def sha256(self) -> str:
+        return self.card.get("sha256", "")
+
+    @property
+    def latent_dim(self) -> int:
+        return self.model.config.latent_dim
+
+    @property
+    def identity_dim(self) -> int:
+        return self.model.config.identity_dim
+
+    def info(self) -> dict:
+        """Model identity as written next to every derived result."""
+        return {"name": self.name, "version": self.version, "sha256": self.sha256}
+
+    def preprocess(self, frames, mask: np.ndarray | None = None) -> np.ndarray:
+        """(N, H, W) frames (any numeric dtype) -> (N, 3, h, w) float32, two threads."""
+        frames = _as_frames(frames)
+        cfg = self.preprocess_config
+        if len(frames) == 1:
+            return preprocess(frames[0], mask, cfg)[None]
+        return np.stack(list(self._pool.map(lambda f: preprocess(f, mask, cfg), frames)))
+
+    def encode(
+        self,
+        frames,
+        mask: np.ndarray | None = None,
+        *,
+        batch_size: int = 64,
+        return_denoised: bool = False,
+    ) -> EncodeResult:
+        """Encode (N, H, W) frames (or one (H, W) frame); returns arrays with N rows."""
+        frames = _as_frames(frames)
+        parts: list[dict[str, np.ndarray]] = []
+        for start in range(0, len(frames), batch_size):
+            x = self.preprocess(frames[start : start + batch_size], mask)
+            parts.append(self.encode_preprocessed(x, return_denoised=return_denoised))
+        merged = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        return EncodeResult(
+            identity_dim=self.identity_dim,
+            noise_kinds=self.noise_kinds,
+            structures=self.structures,
+            denoised=merged.pop("denoised", None),
+            **merged,
+        )
+
+    @torch.inference_mode()
+    def encode_preprocessed(self, x: np.ndarray, *, return_denoised: bool = False) -> dict:
+        """Model pass on preprocessed (n, 3, h, w) input; returns a dict of numpy arrays."""
+        t = torch.from_numpy(np.ascontiguousarray(x)).to(self.device, non_blocking=True)
+        use_amp = self.device.type == "cuda"
+        with torch.autocast(self.device.type, enabled=use_amp, dtype=torch.float16):
+            out = self.model(t)
+        err = recon_error(out["recon"].float(), t)
+        result = {
+            "latent": torch.cat([out["z_identity"], out["z_noise"]], 1).float(),
+            "noise_prob": torch.sigmoid(out["noise_logits"].float()),
+            "recon_error": err,
+            "structure_prob": torch.softmax(out["structure_logits"].float(), 1),
+            "radius_nm": torch.exp(out["log_radius"].float()),
+            "distance_nm": torch.exp(out["log_distance"].float()),
+        }
+        if return_denoised:
+            result["denoised"] = out["recon"].float()
+        return {k: v.cpu().numpy().astype(np.float32) for k, v in result.items()}
+
+
+def _as_frames(frames) -> np.ndarray | list:
+    if isinstance(frames, list | tuple):
+        frames = [np.asarray(f) for f in frames]
+        if not frames:
+            raise ValueError("frames is empty: nothing to encode")
+        return frames
+    frames = np.asarray(frames)
+    if frames.ndim == 2:
+        return frames[None]
+    if frames.ndim != 3 or frames.shape[0] == 0:
+        raise ValueError(f"frames must be (N, H, W) with N >= 1 or one (H, W) frame, got {frames.shape}")
+    return frames
+
+
+def pretrained_path() -> Path:
+    """Location of the weights shipped inside the package."""
+    return Path(str(resources.files("gisaxs_bluesky.models") / "pretrained" / f"{PRETRAINED_NAME}.pt"))
+
+
+def load_encoder(path: str | Path, device: str | torch.device = "auto") -> Encoder:
+    """Encoder from a checkpoint file (raises CheckpointError when unusable)."""
+    model, card, _ = load_checkpoint(path)
+    return Encoder(model, card, device)
+
+
+def load_pretrained(device: str | torch.device = "auto") -> Encoder:
+    """The small pretrained DAE shipped with the package."""
+    path = pretrained_path()
+    if not path.is_file():
+        raise CheckpointError(
+            f"pretrained weights {path} are missing: reinstall gisaxs-bluesky or train them with "
+            "`gisaxs-bluesky train --out gisaxs_bluesky/models/pretrained/gisaxs-dae-small.pt`"
+        )
+    return load_encoder(path, device)

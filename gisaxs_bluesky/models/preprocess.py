@@ -1,0 +1,89 @@
+"""Detector frame -> model input: masks, masked block means, dose normalisation, log."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..config import PreprocessConfig
+
+__all__ = ["preprocess", "preprocess_batch", "block_edges", "target_from_expected"]
+
+
+def block_edges(size: int, n_out: int) -> np.ndarray:
+    """Start indices of ``n_out`` nearly equal blocks covering ``size`` pixels."""
+    if size < n_out:
+        raise ValueError(f"frame size {size} is smaller than the model resolution {n_out}")
+    return np.linspace(0, size, n_out + 1).astype(np.int64)[:-1]
+
+
+def _block_sum(a: np.ndarray, r_edges: np.ndarray, c_edges: np.ndarray) -> np.ndarray:
+    return np.add.reduceat(np.add.reduceat(a, r_edges, axis=0), c_edges, axis=1)
+
+
+def _check_frame(frame: np.ndarray) -> np.ndarray:
+    frame = np.asarray(frame)
+    if frame.ndim != 2:
+        raise ValueError(f"frame must be 2-D (rows, cols), got shape {frame.shape}")
+    if frame.dtype.kind not in "iufb":
+        raise ValueError(f"frame dtype {frame.dtype} is not numeric")
+    return frame
+
+
+def preprocess(
+    frame: np.ndarray, mask: np.ndarray | None = None, config: PreprocessConfig | None = None
+) -> np.ndarray:
+    """One frame (H, W) of any int/float dtype -> (3, h, w) float32 model input.
+
+    Channels: log1p(block mean / median block mean) with masked blocks at 0; the fraction of
+    valid pixels per block; the fraction the detector itself flagged (< 0 or non-finite).
+    """
+    config = config or PreprocessConfig()
+    frame = _check_frame(frame)
+    h, w = config.out_shape
+    r_edges, c_edges = block_edges(frame.shape[0], h), block_edges(frame.shape[1], w)
+    values = frame.astype(np.float32, copy=False)
+    finite = np.isfinite(values)
+    flagged = ~finite | (values < 0)
+    valid = ~flagged
+    if mask is not None:
+        mask = np.asarray(mask, dtype=bool)
+        if mask.shape != frame.shape:
+            raise ValueError(f"mask shape {mask.shape} does not match frame shape {frame.shape}")
+        valid &= ~mask
+    clean = np.where(valid, values, np.float32(0))
+    counts = np.diff(np.append(r_edges, frame.shape[0]))[:, None] * np.diff(
+        np.append(c_edges, frame.shape[1])
+    )[None, :]
+    n_valid = _block_sum(valid.astype(np.float32), r_edges, c_edges)
+    total = _block_sum(clean, r_edges, c_edges)
+    n_flagged = _block_sum(flagged.astype(np.float32), r_edges, c_edges)
+    return _normalise(total, n_valid, n_flagged / counts, counts, config)
+
+
+def _normalise(total, n_valid, flagged_frac, counts, config: PreprocessConfig) -> np.ndarray:
+    valid_frac = n_valid / counts
+    good = valid_frac >= config.min_valid_fraction
+    mean = np.where(good, total / np.maximum(n_valid, 1), 0)
+    scale = float(np.median(mean[good])) if good.any() else 1.0
+    scale = max(scale, 1e-3)
+    log_i = np.where(good, np.log1p(np.maximum(mean, 0) / scale), 0)
+    return np.stack([log_i, good.astype(np.float32) * valid_frac, flagged_frac]).astype(np.float32)
+
+
+def target_from_expected(
+    expected: np.ndarray, mask: np.ndarray, config: PreprocessConfig | None = None
+) -> np.ndarray:
+    """The clean (h, w) target the DAE learns: expected intensity through the same transform."""
+    return preprocess(expected, mask, config)[0]
+
+
+def preprocess_batch(
+    frames: np.ndarray, mask: np.ndarray | None = None, config: PreprocessConfig | None = None
+) -> np.ndarray:
+    """(N, H, W) or (H, W) -> (N, 3, h, w) float32."""
+    frames = np.asarray(frames)
+    if frames.ndim == 2:
+        frames = frames[None]
+    if frames.ndim != 3:
+        raise ValueError(f"frames must be (N, H, W) or (H, W), got shape {frames.shape}")
+    return np.stack([preprocess(f, mask, config) for f in frames])

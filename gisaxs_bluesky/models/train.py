@@ -1,0 +1,290 @@
+"""Training: `gisaxs-bluesky train` with progress, per-epoch checkpoints, resume, fixed seeds.
+
+Jointly optimises the clean-pattern reconstruction (from the identity latent), the noise-kind
+classifier (from the noise latent), structure / radius / distance heads (identity latent) and a
+consistency term pulling together identity latents of the same sample under different noise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+from torch.nn import functional as F
+from tqdm import tqdm
+
+from ..binning import OnlineBinner
+from ..config import BinnerConfig, ModelConfig, PreprocessConfig
+from ..sim.noise import NOISE_KINDS
+from ..sim.sample import STRUCTURES
+from .checkpoint import load_checkpoint, save_checkpoint
+from .dae import GisaxsDAE
+from .inference import recon_error, resolve_device
+
+__all__ = ["TrainConfig", "TrainingData", "train", "add_arguments", "run"]
+
+log = logging.getLogger(__name__)
+LATTICE = torch.tensor([s not in ("spheres_dilute", "cylinders_dilute") for s in STRUCTURES])
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 8
+    batch_identities: int = 32  # each identity brings all its noisy frames to the batch
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    seed: int = 0
+    w_recon: float = 10.0
+    w_noise: float = 1.0
+    w_structure: float = 1.0
+    w_size: float = 2.0
+    w_consistency: float = 1.0
+    num_threads: int | None = None
+
+
+class TrainingData:
+    """A binned simulated set (from `gisaxs-bluesky simulate`) held in memory as tensors."""
+
+    def __init__(self, path: str | Path) -> None:
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"training data {path} does not exist (make it with `gisaxs-bluesky simulate`)")
+        with h5py.File(path, "r") as f:
+            if "inputs" not in f:
+                raise ValueError(f"{path} holds full frames; training needs a binned set (no --full)")
+            self.inputs = torch.from_numpy(f["inputs"][:])
+            self.target = torch.from_numpy(f["target"][:])
+            self.noise = torch.from_numpy(f["noise_vector"][:])
+            self.structure = torch.from_numpy(f["structure_index"][:])
+            self.radius = torch.from_numpy(f["radius_nm"][:])
+            self.distance = torch.from_numpy(f["distance_nm"][:])
+            self.identity = torch.from_numpy(f["identity"][:])
+            self.dose = torch.from_numpy(f["dose_counts"][:])
+            self.description = {k: (v.item() if hasattr(v, "item") else str(v))
+                                for k, v in f.attrs.items() if k not in ("noise_kinds", "structures")}
+        self.path = path
+        ids, self.identity_index = torch.unique(self.identity, return_inverse=True)
+        self.n_identities = len(ids)
+        order = torch.argsort(self.identity_index, stable=True)
+        counts = torch.bincount(self.identity_index)
+        self.frames_of = list(torch.split(order, counts.tolist()))
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def batch(self, identities: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.frames_of[i] for i in identities.tolist()])
+
+
+def _losses(model: GisaxsDAE, data: TrainingData, idx: torch.Tensor, cfg: TrainConfig,
+            device: torch.device, flip: bool) -> dict[str, torch.Tensor]:
+    x = data.inputs[idx].to(device).float()
+    target = data.target[idx].to(device).float()
+    if flip:  # GISAXS is left-right symmetric about the beam; mirrored frames are physical too
+        x, target = x.flip(-1), target.flip(-1)
+    out = model(x)
+    weight = (target > 0).float()
+    recon = ((out["recon"] - target) ** 2 * weight).sum() / weight.sum().clamp_min(1)
+    noise = F.binary_cross_entropy_with_logits(out["noise_logits"], data.noise[idx].to(device))
+    structure_idx = data.structure[idx].to(device)
+    structure = F.cross_entropy(out["structure_logits"], structure_idx)
+    log_r = torch.log(data.radius[idx].to(device))
+    log_d = torch.log(data.distance[idx].to(device))
+    size_r = F.mse_loss(out["log_radius"], log_r)
+    lattice = LATTICE.to(device)[structure_idx].float()
+    size_d = ((out["log_distance"] - log_d) ** 2 * lattice).sum() / lattice.sum().clamp_min(1)
+    # consistency: identity latents of one sample under different noise should coincide,
+    # measured relative to the spread between samples so that shrinking the latent cannot cheat
+    z = out["z_identity"].float()
+    ident = data.identity_index[idx].to(device)
+    same = (ident[:, None] == ident[None, :]).float() - torch.eye(len(idx), device=device)
+    d2 = torch.cdist(z, z) ** 2
+    within = (d2 * same).sum() / same.sum().clamp_min(1)
+    between = (d2 * (1 - same)).sum() / (1 - same).sum().clamp_min(1)
+    consistency = within / between.clamp_min(1e-6)
+    total = (cfg.w_recon * recon + cfg.w_noise * noise + cfg.w_structure * structure
+             + cfg.w_size * (size_r + size_d) + cfg.w_consistency * consistency)
+    return {"total": total, "recon": recon, "noise": noise, "structure": structure,
+            "radius": size_r, "distance": size_d, "consistency": consistency}
+
+
+@torch.inference_mode()
+def predict(model: GisaxsDAE, inputs: torch.Tensor, device: torch.device, batch: int = 256) -> dict:
+    """Model outputs for preprocessed inputs, as numpy (used for validation and calibration)."""
+    model.eval()
+    parts = []
+    for start in range(0, len(inputs), batch):
+        x = inputs[start : start + batch].to(device).float()
+        out = model(x)
+        parts.append({
+            "z_identity": out["z_identity"], "noise_prob": torch.sigmoid(out["noise_logits"]),
+            "structure": out["structure_logits"].argmax(1), "radius": out["log_radius"].exp(),
+            "distance": out["log_distance"].exp(), "recon": out["recon"],
+            "recon_error": recon_error(out["recon"], x),
+        })
+    return {k: torch.cat([p[k] for p in parts]).cpu().numpy() for k in parts[0]}
+
+
+def validation_metrics(model: GisaxsDAE, data: TrainingData, device: torch.device) -> dict:
+    p = predict(model, data.inputs, device)
+    truth = data.noise.numpy() > 0.5
+    pred = p["noise_prob"] > 0.5
+    f1 = []
+    for k in range(truth.shape[1]):
+        tp = (pred[:, k] & truth[:, k]).sum()
+        denom = pred[:, k].sum() + truth[:, k].sum()
+        f1.append(2 * tp / denom if denom else 1.0)
+    lattice = LATTICE.numpy()[data.structure.numpy()]
+    radius = data.radius.numpy()
+    distance = data.distance.numpy()
+    return {
+        "noise_macro_f1": float(np.mean(f1)),
+        "noise_f1": {k: float(v) for k, v in zip(NOISE_KINDS, f1, strict=True)},
+        "structure_accuracy": float((p["structure"] == data.structure.numpy()).mean()),
+        "radius_rel_rmse": float(np.sqrt(np.mean((p["radius"] / radius - 1) ** 2))),
+        "distance_rel_rmse": float(np.sqrt(np.mean(((p["distance"] / distance - 1)[lattice]) ** 2))),
+    }
+
+
+def calibrate_binner(model: GisaxsDAE, data: TrainingData, device: torch.device,
+                     config: BinnerConfig | None = None) -> OnlineBinner:
+    """Spread and recon threshold from frames with known identity (a held-out set)."""
+    p = predict(model, data.inputs, device)
+    return OnlineBinner(config).calibrate(p["z_identity"], data.identity.numpy(), p["recon_error"])
+
+
+def train(
+    data_path: str | Path,
+    out: str | Path,
+    *,
+    val_path: str | Path | None = None,
+    config: TrainConfig | None = None,
+    model_config: ModelConfig | None = None,
+    device: str = "auto",
+    resume: bool = False,
+    name: str = "gisaxs-dae-small",
+    version: str | None = None,
+    progress: bool = True,
+) -> dict:
+    """Train a DAE on a binned simulated set; writes ``out`` (+ .json card) each epoch."""
+    cfg = config or TrainConfig()
+    out = Path(out)
+    dev = resolve_device(device)
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    data = TrainingData(data_path)
+    val = TrainingData(val_path) if val_path else None
+    model = GisaxsDAE(model_config or ModelConfig()).to(dev)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = math.ceil(data.n_identities / cfg.batch_identities)
+    total_steps = cfg.epochs * steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, cfg.lr, total_steps=total_steps,
+                                                    pct_start=0.15)
+    start_epoch, history = 0, []
+    if resume and out.is_file():
+        model, card, payload = load_checkpoint(out, map_location=dev)
+        model.to(dev)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, cfg.lr, total_steps=total_steps,
+                                                        pct_start=0.15)
+        if "optimizer" in payload:
+            optimizer.load_state_dict(payload["optimizer"])
+        extra = payload.get("extra", {})
+        if "scheduler" in extra:
+            scheduler.load_state_dict(extra["scheduler"])
+        start_epoch = int(card.get("epochs_done", 0))
+        history = list(card.get("history", []))
+        rng = np.random.default_rng([cfg.seed, start_epoch])
+        log.info("resuming %s at epoch %d of %d", out, start_epoch, cfg.epochs)
+    use_amp = dev.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    card: dict = {}
+    t0 = time.time()
+    for epoch in range(start_epoch, cfg.epochs):
+        model.train()
+        order = torch.from_numpy(rng.permutation(data.n_identities))
+        sums: dict[str, float] = {}
+        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                   disable=not progress, unit="batch")
+        for step in bar:
+            ids = order[step * cfg.batch_identities : (step + 1) * cfg.batch_identities]
+            idx = data.batch(ids)
+            with torch.autocast(dev.type, enabled=use_amp, dtype=torch.float16):
+                losses = _losses(model, data, idx, cfg, dev, flip=bool(rng.random() < 0.5))
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(losses["total"]).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            bar.set_postfix(loss=f"{float(losses['total']):.3f}")
+        epoch_losses = {k: v / steps_per_epoch for k, v in sums.items()}
+        entry = {"epoch": epoch + 1, "loss": epoch_losses, "elapsed_s": round(time.time() - t0, 1)}
+        if val is not None:
+            entry["val"] = validation_metrics(model, val, dev)
+        history.append(entry)
+        log.info("epoch %d: %s", epoch + 1, json.dumps(entry))
+        card = _card(model, data, val, cfg, name, version, history, epoch + 1)
+        save_checkpoint(out, model, card, optimizer=optimizer,
+                        extra={"scheduler": scheduler.state_dict()})
+    if val is not None and cfg.epochs > start_epoch:
+        binner = calibrate_binner(model, val, dev)
+        card["binner"] = {"config": binner.config.to_dict(), "spread": binner.spread,
+                          "recon_threshold": binner.recon_threshold, "calibrated_on": str(val.path)}
+        card = save_checkpoint(out, model, card, optimizer=optimizer,
+                               extra={"scheduler": scheduler.state_dict()})
+    elif not card:
+        _, card, _ = load_checkpoint(out)
+    return card
+
+
+def _card(model, data, val, cfg, name, version, history, epochs_done) -> dict:
+    return {
+        "name": name,
+        "version": version or time.strftime("%Y.%m.%d"),
+        "preprocess": PreprocessConfig().to_dict(),
+        "noise_kinds": list(NOISE_KINDS),
+        "structures": list(STRUCTURES),
+        "training_data": {"path": str(data.path), "frames": len(data),
+                          "identities": data.n_identities, "spec": data.description},
+        "train_config": asdict(cfg),
+        "epochs_done": epochs_done,
+        "history": history,
+        "metrics": history[-1].get("val", {}),
+        "torch": torch.__version__,
+    }
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", required=True, help="binned HDF5 set from `gisaxs-bluesky simulate`")
+    parser.add_argument("--val", help="held-out binned set (metrics each epoch, binner calibration)")
+    parser.add_argument("--out", required=True, help="checkpoint path (.pt); a .json card is written beside it")
+    parser.add_argument("--epochs", type=int, default=TrainConfig.epochs)
+    parser.add_argument("--batch-identities", type=int, default=TrainConfig.batch_identities)
+    parser.add_argument("--lr", type=float, default=TrainConfig.lr)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    parser.add_argument("--resume", action="store_true", help="continue from --out if it exists")
+    parser.add_argument("--name", default="gisaxs-dae-small")
+    parser.add_argument("--version", default=None)
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = TrainConfig(epochs=args.epochs, batch_identities=args.batch_identities, lr=args.lr,
+                      seed=args.seed)
+    card = train(args.data, args.out, val_path=args.val, config=cfg, device=args.device,
+                 resume=args.resume, name=args.name, version=args.version)
+    print(json.dumps({"checkpoint": str(args.out), "sha256": card.get("sha256"),
+                      "metrics": card.get("metrics", {})}, indent=2))
+    return 0

@@ -1,0 +1,257 @@
+"""Frames -> DAE encode -> online binning -> derived-table rows; no Bluesky needed.
+
+The live callback (:mod:`gisaxs_bluesky.callbacks.dae_binning`) and offline replay share this
+stage, so a run re-binned later produces the same columns as the live one.
+
+Rows follow :meth:`gisaxs_bluesky.store.DerivedRunWriter.append`: ``seq_num``, ``time``,
+``latent`` (N, D), ``bin_id``, ``outlier_score``, ``is_outlier``, ``recon_error``,
+``noise_prob`` (N, K), ``structure``, ``radius_nm``, ``distance_nm`` and one column per motor.
+
+Frames that cannot be encoded (wrong ndim/dtype/shape, too many NaN/inf pixels, or a model
+error for their batch) still get a row, with ``bin_id == UNPROCESSED_BIN`` (-2), NaN latent
+and scores, ``is_outlier`` False; the reason is returned in :attr:`PipelineResult.errors`.
+``bin_id == -1`` comes from the binner: the model could not reconstruct the frame.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .binning import OnlineBinner
+from .models.inference import Encoder
+
+__all__ = [
+    "UNPROCESSED_BIN",
+    "BinningPipeline",
+    "PipelineResult",
+    "check_frame",
+]
+
+logger = logging.getLogger(__name__)
+
+#: bin id of frames that were not encoded (bad frame or model failure; see errors)
+UNPROCESSED_BIN = -2
+
+
+def check_frame(
+    frame: Any,
+    *,
+    expected_shape: tuple[int, ...] | None = None,
+    max_nonfinite_fraction: float = 0.05,
+    label: str = "frame",
+) -> tuple[np.ndarray | None, str | None]:
+    """Validate one detector frame: returns (2-D array, None) or (None, reason naming the fault).
+
+    Accepts (H, W) or (1, H, W); numeric (int/uint/float) dtypes only; at most
+    ``max_nonfinite_fraction`` NaN/inf pixels; the shape must match ``expected_shape`` if given.
+    """
+    try:
+        a = np.asarray(frame)
+    except Exception as exc:  # noqa: BLE001 - anything odd in the document
+        return None, f"{label}: cannot be read as an array ({type(frame).__name__}: {exc})"
+    if a.ndim == 3 and a.shape[0] == 1:
+        a = a[0]
+    if a.ndim != 2:
+        return None, f"{label}: wrong ndim {a.ndim} (shape {a.shape}); expected a 2-D image"
+    if a.dtype.kind not in "iuf":
+        return None, f"{label}: wrong dtype {a.dtype}; expected an integer or float image"
+    if expected_shape is not None and tuple(a.shape) != tuple(expected_shape):
+        return None, f"{label}: shape {a.shape} differs from the run's {tuple(expected_shape)}"
+    if a.size == 0:
+        return None, f"{label}: empty image, shape {a.shape}"
+    if a.dtype.kind == "f":
+        bad = int(a.size - np.count_nonzero(np.isfinite(a)))
+        if bad > max_nonfinite_fraction * a.size:
+            n_nan = int(np.count_nonzero(np.isnan(a)))
+            return None, (
+                f"{label}: {bad} of {a.size} pixels are non-finite ({n_nan} NaN, {bad - n_nan} "
+                f"inf), above max_nonfinite_fraction={max_nonfinite_fraction}"
+            )
+    return a, None
+
+
+@dataclass
+class PipelineResult:
+    """Rows for :meth:`DerivedRunWriter.append` plus per-frame problems (empty if none)."""
+
+    rows: dict[str, np.ndarray]
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.rows["seq_num"])
+
+
+class BinningPipeline:
+    """Encode frames with ``encoder`` and bin identity latents with ``binner``.
+
+    Not thread-safe: one thread (the callback's worker, or replay) calls :meth:`process`,
+    because the binner's state changes as frames join bins.
+    """
+
+    def __init__(
+        self,
+        encoder: Encoder,
+        binner: OnlineBinner,
+        *,
+        mask: np.ndarray | None = None,
+        batch_size: int = 16,
+        max_nonfinite_fraction: float = 0.05,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size} must be >= 1")
+        if binner.model_sha256 and encoder.sha256 and binner.model_sha256 != encoder.sha256:
+            raise ValueError(
+                f"binner was calibrated for model sha256={binner.model_sha256[:12]}..., "
+                f"encoder is sha256={encoder.sha256[:12]}...; use make_binner(encoder)"
+            )
+        self.encoder = encoder
+        self.binner = binner
+        self.mask = mask
+        self.batch_size = int(batch_size)
+        self.max_nonfinite_fraction = float(max_nonfinite_fraction)
+
+    # ------------------------------------------------------------------ metadata
+    @property
+    def latent_dim(self) -> int:
+        return int(self.encoder.latent_dim)
+
+    @property
+    def noise_kinds(self) -> list[str]:
+        return list(self.encoder.noise_kinds)
+
+    def open_writer(
+        self,
+        store: Any,
+        raw_uid: str,
+        *,
+        scan_id: int | None,
+        motors: Sequence[str] = (),
+        extra_metadata: dict | None = None,
+    ) -> Any:
+        """``store.open(...)`` with this pipeline's model, binner settings, latent size, noise kinds."""
+        return store.open(
+            raw_uid,
+            scan_id=scan_id,
+            model=self.encoder.info(),
+            binner=self.binner.settings(),
+            latent_dim=self.latent_dim,
+            noise_kinds=self.noise_kinds,
+            motors=list(motors),
+            extra_metadata=extra_metadata,
+        )
+
+    # ------------------------------------------------------------------- process
+    def process(
+        self,
+        frames: Sequence[Any] | np.ndarray,
+        seq_nums: Sequence[int] | np.ndarray,
+        times: Sequence[float] | np.ndarray,
+        positions: Mapping[str, Sequence[float] | np.ndarray] | None = None,
+        *,
+        expected_shape: tuple[int, ...] | None = None,
+    ) -> PipelineResult:
+        """Encode and bin N frames (in order); one row per frame, bad frames included.
+
+        ``frames`` is a sequence of arrays (None for a frame that could not be read) or an
+        (N, H, W) array; ``positions`` maps motor name -> N values (NaN where unknown).
+        """
+        seq = np.asarray(seq_nums, dtype=np.int64).reshape(-1)
+        n = len(seq)
+        t = np.asarray(times, dtype=np.float64).reshape(-1)
+        if len(t) != n or len(frames) != n:
+            raise ValueError(f"frames ({len(frames)}), seq_nums ({n}), times ({len(t)}) differ")
+        pos: dict[str, np.ndarray] = {}
+        for name, values in (positions or {}).items():
+            v = np.asarray(values, dtype=np.float64).reshape(-1)
+            if len(v) != n:
+                raise ValueError(f"positions[{name!r}] has {len(v)} values, expected {n}")
+            pos[str(name)] = v
+
+        rows = self._empty_rows(seq, t, pos)
+        errors: list[str] = []
+        good_idx: list[int] = []
+        good_frames: list[np.ndarray] = []
+        for i, frame in enumerate(frames):
+            label = f"frame seq_num={int(seq[i])}"
+            if frame is None:
+                errors.append(f"{label}: no frame data")
+                continue
+            a, why = check_frame(
+                frame,
+                expected_shape=expected_shape,
+                max_nonfinite_fraction=self.max_nonfinite_fraction,
+                label=label,
+            )
+            if why is not None:
+                errors.append(why)
+                continue
+            expected_shape = expected_shape or a.shape
+            good_idx.append(i)
+            good_frames.append(a)
+        if not good_idx:
+            return PipelineResult(rows, errors)
+        idx = np.asarray(good_idx)
+        try:
+            enc = self.encoder.encode(good_frames, self.mask, batch_size=self.batch_size)
+            if len(enc) != len(idx):
+                raise RuntimeError(f"encoder returned {len(enc)} rows for {len(idx)} frames")
+        except Exception as exc:  # noqa: BLE001 - a model fault must not stop the scan
+            logger.exception("DAE encode failed for %d frames", len(idx))
+            errors.append(
+                f"model error for frames seq_num={seq[idx].tolist()}: {type(exc).__name__}: {exc}"
+            )
+            return PipelineResult(rows, errors)
+        assignment = self.binner.assign(enc.identity_latent, enc.recon_error)
+        rows["latent"][idx] = enc.latent
+        rows["noise_prob"][idx] = enc.noise_prob
+        rows["recon_error"][idx] = enc.recon_error
+        rows["bin_id"][idx] = assignment.bin_id
+        rows["outlier_score"][idx] = assignment.outlier_score
+        rows["is_outlier"][idx] = assignment.is_outlier
+        rows["structure"][idx] = np.asarray(enc.structure, dtype=object)
+        rows["radius_nm"][idx] = enc.radius_nm
+        rows["distance_nm"][idx] = enc.distance_nm
+        return PipelineResult(rows, errors)
+
+    def _empty_rows(
+        self, seq: np.ndarray, t: np.ndarray, pos: Mapping[str, np.ndarray]
+    ) -> dict[str, np.ndarray]:
+        n = len(seq)
+        rows: dict[str, np.ndarray] = {
+            "seq_num": seq,
+            "time": t,
+            "latent": np.full((n, self.latent_dim), np.nan, dtype=np.float32),
+            "bin_id": np.full(n, UNPROCESSED_BIN, dtype=np.int64),
+            "outlier_score": np.full(n, np.nan, dtype=np.float32),
+            "is_outlier": np.zeros(n, dtype=bool),
+            "recon_error": np.full(n, np.nan, dtype=np.float32),
+            "noise_prob": np.full((n, len(self.noise_kinds)), np.nan, dtype=np.float32),
+            "structure": np.full(n, "", dtype=object),
+            "radius_nm": np.full(n, np.nan),
+            "distance_nm": np.full(n, np.nan),
+        }
+        rows.update({k: np.asarray(v, dtype=np.float64) for k, v in pos.items()})
+        return rows
+
+    def process_and_write(
+        self,
+        writer: Any,
+        frames: Sequence[Any] | np.ndarray,
+        seq_nums: Sequence[int] | np.ndarray,
+        times: Sequence[float] | np.ndarray,
+        positions: Mapping[str, Sequence[float] | np.ndarray] | None = None,
+        *,
+        expected_shape: tuple[int, ...] | None = None,
+    ) -> PipelineResult:
+        """:meth:`process`, then ``writer.append(rows)`` and ``writer.record_error`` per problem."""
+        result = self.process(frames, seq_nums, times, positions, expected_shape=expected_shape)
+        writer.append(result.rows)
+        if result.errors:
+            writer.record_error("; ".join(result.errors))
+        return result

@@ -1,0 +1,692 @@
+"""Derived-data layout in Tiled, beside (not inside) the raw BlueskyRun.
+
+Layout (``root`` defaults to ``gisaxs_derived``)::
+
+    /<root>/                                   container (created if absent)
+        <raw_uid>-<model name>-<model version>  container, spec GISAXSDerived v1.0
+            frames                             appendable SQL table, one row per frame
+
+Node metadata: ``raw_uid``, ``raw_path`` (``/<raw_uid>``, the raw run's path in the same
+Tiled), ``scan_id``, ``model`` {name, version, sha256}, ``model_id`` ("name-version"),
+``binner``, ``latent_dim``, ``noise_kinds``, ``motors``, ``status``
+(running/complete/failed), ``created``/``updated`` (unix time), ``n_frames``,
+``bin_summary`` {ids, counts}, ``bin_ids`` (list), ``bin_counts`` ({"<id>": count},
+searchable with ``KeyPresent("bin_counts.<id>")``), ``outlier_count``, ``has_outliers``,
+``errors`` (bounded list) and any ``extra_metadata``.
+
+Table columns: ``seq_num`` int64, ``time`` float64, ``bin_id`` int64, ``outlier_score``
+float32, ``is_outlier`` bool, ``recon_error`` float32, ``latent_<i>`` float32 (i <
+latent_dim), ``noise_prob_<j>`` float32 (j-th noise kind), ``structure`` string,
+``radius_nm``/``distance_nm`` float64 (NaN when not given), one float64 column per motor.
+
+Resilience: when Tiled is unreachable (transport error / HTTP 5xx), rows are saved as
+append-only ``.npz`` chunks under ``backup_dir/<node key>/`` and re-sent on the next
+append/finish or by ``DerivedStore.flush_backups()``; already-stored seq_nums are re-read
+from Tiled before re-sending, so nothing is duplicated.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import time
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import xarray as xr
+
+__all__ = [
+    "DERIVED_SPEC",
+    "DERIVED_SPEC_VERSION",
+    "TABLE_KEY",
+    "STATUSES",
+    "DerivedStore",
+    "DerivedRunWriter",
+    "read_derived",
+    "default_backup_dir",
+    "is_server_fault",
+]
+
+logger = logging.getLogger(__name__)
+
+DERIVED_SPEC = "GISAXSDerived"
+DERIVED_SPEC_VERSION = "1.0"
+TABLE_KEY = "frames"
+STATUSES = ("running", "complete", "failed")
+MAX_ERRORS = 50
+MAX_ERROR_CHARS = 2000
+
+# column name -> (arrow type, numpy dtype, allowed numpy kinds)
+_CORE: dict[str, tuple[pa.DataType, str, str]] = {
+    "seq_num": (pa.int64(), "int64", "iu"),
+    "time": (pa.float64(), "float64", "iuf"),
+    "bin_id": (pa.int64(), "int64", "iu"),
+    "outlier_score": (pa.float32(), "float32", "iuf"),
+    "is_outlier": (pa.bool_(), "bool", "b"),
+    "recon_error": (pa.float32(), "float32", "iuf"),
+}
+_OPTIONAL_FLOATS = ("radius_nm", "distance_nm")
+_RESERVED = set(_CORE) | {"latent", "noise_prob", "structure", *_OPTIONAL_FLOATS}
+
+
+def default_backup_dir() -> Path:
+    """Per-user cache dir for rows that could not reach Tiled."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "gisaxs_bluesky" / "derived_backup"
+
+
+def is_server_fault(exc: BaseException) -> bool:
+    """True for faults of the server/connection (transport errors, HTTP 5xx), not of the request."""
+    if isinstance(exc, httpx.HTTPStatusError):
+        return exc.response.status_code >= 500
+    return isinstance(exc, (httpx.TransportError, ConnectionError, TimeoutError))
+
+
+def _latent_col(i: int) -> str:
+    return f"latent_{i}"
+
+
+def _noise_col(j: int) -> str:
+    return f"noise_prob_{j}"
+
+
+def _safe_key(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.\-]", "_", text)
+
+
+class _Layout:
+    """Column layout of one derived node (fixed at open time)."""
+
+    def __init__(self, latent_dim: int, noise_kinds: Sequence[str], motors: Sequence[str]):
+        if int(latent_dim) < 1:
+            raise ValueError(f"latent_dim must be >= 1, got {latent_dim!r}")
+        kinds = [str(k) for k in noise_kinds]
+        if len(set(kinds)) != len(kinds):
+            raise ValueError(f"noise_kinds must be unique, got {kinds!r}")
+        motors = [str(m) for m in motors]
+        for m in motors:
+            if m in _RESERVED or m.startswith(("latent_", "noise_prob_")):
+                raise ValueError(f"motor name {m!r} collides with a derived column name")
+        self.latent_dim = int(latent_dim)
+        self.noise_kinds = kinds
+        self.motors = motors
+
+    def schema(self) -> pa.Schema:
+        """Arrow schema of the frames table."""
+        fields = [(k, t) for k, (t, _, _) in _CORE.items()]
+        fields += [(_latent_col(i), pa.float32()) for i in range(self.latent_dim)]
+        fields += [(_noise_col(j), pa.float32()) for j in range(len(self.noise_kinds))]
+        fields += [("structure", pa.string())]
+        fields += [(c, pa.float64()) for c in _OPTIONAL_FLOATS]
+        fields += [(m, pa.float64()) for m in self.motors]
+        return pa.schema(fields)
+
+    def validate(self, rows: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], str | None]:
+        """Check rows and flatten to table columns; ValueError names the bad column."""
+        if not isinstance(rows, Mapping):
+            raise ValueError(f"rows must be a mapping of column -> array, got {type(rows)}")
+        required = [*_CORE, "latent", "noise_prob", *self.motors]
+        for name in required:
+            if name not in rows:
+                raise ValueError(f"missing column {name!r} in rows")
+        n = len(np.asarray(rows["seq_num"]).reshape(-1))
+        out: dict[str, np.ndarray] = {}
+
+        def arr(name: str, ndim: int) -> np.ndarray:
+            a = np.asarray(rows[name])
+            if a.ndim != ndim or a.shape[0] != n:
+                want = "(n,)" if ndim == 1 else f"(n, {a.shape[1:] or '?'})"
+                raise ValueError(
+                    f"column {name!r}: expected shape {want} with n={n}, got {a.shape}"
+                )
+            return a
+
+        def check_kind(name: str, a: np.ndarray, kinds: str) -> None:
+            if a.dtype.kind not in kinds:
+                raise ValueError(
+                    f"column {name!r}: dtype {a.dtype} not allowed (kinds {kinds!r})"
+                )
+
+        for name, (_, dtype, kinds) in _CORE.items():
+            a = arr(name, 1)
+            if n and name == "is_outlier" and a.dtype.kind in "iu" and set(np.unique(a)) <= {0, 1}:
+                a = a.astype(bool)
+            check_kind(name, a, kinds)
+            out[name] = a.astype(dtype)
+        lat = arr("latent", 2)
+        if lat.shape[1] != self.latent_dim:
+            raise ValueError(
+                f"column 'latent': expected shape (n, {self.latent_dim}), got {lat.shape}"
+            )
+        check_kind("latent", lat, "iuf")
+        for i in range(self.latent_dim):
+            out[_latent_col(i)] = lat[:, i].astype("float32")
+        nk = len(self.noise_kinds)
+        noise = arr("noise_prob", 2)
+        if noise.shape[1] != nk:
+            raise ValueError(f"column 'noise_prob': expected shape (n, {nk}), got {noise.shape}")
+        check_kind("noise_prob", noise, "iuf")
+        for j in range(nk):
+            out[_noise_col(j)] = noise[:, j].astype("float32")
+        structure_kind = None
+        if "structure" in rows and rows["structure"] is not None:
+            s = arr("structure", 1)
+            if s.dtype.kind in "iu":
+                structure_kind = "int"
+            elif s.dtype.kind in "UO":
+                structure_kind = "str"
+            else:
+                raise ValueError(f"column 'structure': dtype {s.dtype} must be str or int")
+            out["structure"] = np.array([str(v) for v in s], dtype=str)
+        else:
+            out["structure"] = np.full(n, "", dtype=str)
+        for name in _OPTIONAL_FLOATS:
+            if name in rows and rows[name] is not None:
+                a = arr(name, 1)
+                check_kind(name, a, "iuf")
+                out[name] = a.astype("float64")
+            else:
+                out[name] = np.full(n, np.nan)
+        for m in self.motors:
+            a = arr(m, 1)
+            check_kind(m, a, "iuf")
+            out[m] = a.astype("float64")
+        return out, structure_kind
+
+    def to_arrow(self, cols: Mapping[str, np.ndarray]) -> pa.Table:
+        """Columns -> arrow table with the node schema."""
+        schema = self.schema()
+        return pa.Table.from_arrays(
+            [pa.array(np.asarray(cols[f.name]), type=f.type) for f in schema], schema=schema
+        )
+
+
+def _select(cols: Mapping[str, np.ndarray], mask: np.ndarray) -> dict[str, np.ndarray]:
+    return {k: np.asarray(v)[mask] for k, v in cols.items()}
+
+
+class _Backup:
+    """Append-only local store of rows (npz chunks) and pending metadata for one node."""
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+
+    def chunks(self) -> list[Path]:
+        return sorted(self.dir.glob("chunk-*.npz")) if self.dir.exists() else []
+
+    def write_open_params(self, params: Mapping[str, Any]) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        _atomic_write_json(self.dir / "open.json", params)
+
+    def add_rows(self, cols: Mapping[str, np.ndarray]) -> Path:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        path = self.dir / f"chunk-{time.time_ns():020d}-{os.getpid()}.npz"
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "wb") as f:
+            np.savez(f, **{k: np.asarray(v) for k, v in cols.items()})
+        os.replace(tmp, path)
+        return path
+
+    def load(self, path: Path) -> dict[str, np.ndarray]:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+
+    def seq_nums(self) -> set[int]:
+        out: set[int] = set()
+        for p in self.chunks():
+            with np.load(p, allow_pickle=False) as z:
+                out.update(int(s) for s in z["seq_num"])
+        return out
+
+    def pending_metadata(self) -> dict[str, Any]:
+        p = self.dir / "metadata.json"
+        return json.loads(p.read_text()) if p.exists() else {}
+
+    def set_pending_metadata(self, md: Mapping[str, Any]) -> None:
+        p = self.dir / "metadata.json"
+        if md:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            _atomic_write_json(p, md)
+        elif p.exists():
+            p.unlink()
+
+    def cleanup(self) -> None:
+        """Remove the directory when nothing is pending."""
+        if self.dir.exists() and not self.chunks() and not (self.dir / "metadata.json").exists():
+            for p in self.dir.iterdir():
+                p.unlink()
+            self.dir.rmdir()
+
+
+def _atomic_write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, default=_json_default))
+    os.replace(tmp, path)
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    raise TypeError(f"not JSON serializable: {type(obj)}")
+
+
+def _jsonable(md: Mapping[str, Any]) -> dict[str, Any]:
+    return json.loads(json.dumps(dict(md), default=_json_default))
+
+
+class DerivedRunWriter:
+    """Incrementally writes one derived node; falls back to a local backup when Tiled is down."""
+
+    def __init__(self, store: DerivedStore, key: str, params: dict[str, Any]) -> None:
+        self.store = store
+        self.key = key
+        self.params = params
+        self.layout = _Layout(params["latent_dim"], params["noise_kinds"], params["motors"])
+        self.stored_seq_nums: set[int] = set()
+        self._backup = _Backup(store.backup_dir / _safe_key(key))
+        self._node: Any = None
+        self._table: Any = None
+        self._bin_counts: Counter[int] = Counter()
+        self._outliers = 0
+        self._structure_kind: str | None = None
+        self._user_md: dict[str, Any] = self._backup.pending_metadata()
+        self._md_dirty = bool(self._user_md)
+        self._errors: list[str] = []
+        self.flushed_at_open = 0  # rows re-sent from the backup while opening
+        self._connect()
+        if self._backup.chunks() or self._md_dirty:
+            self.flushed_at_open = self.flush()
+
+    # -- connection ---------------------------------------------------------------------------
+    @property
+    def connected(self) -> bool:
+        """Whether the node and its table are open on the server."""
+        return self._table is not None
+
+    @property
+    def node(self) -> Any:
+        """The Tiled container client of this node (None while Tiled is unreachable)."""
+        return self._node
+
+    @property
+    def pending_rows(self) -> int:
+        """Rows held in the local backup, not yet in Tiled."""
+        return len(self._backup.seq_nums())
+
+    def _initial_metadata(self) -> dict[str, Any]:
+        p = self.params
+        now = time.time()
+        md = {
+            "raw_uid": p["raw_uid"],
+            "raw_path": f"/{p['raw_uid']}",
+            "scan_id": p["scan_id"],
+            "model": p["model"],
+            "model_id": f"{p['model']['name']}-{p['model']['version']}",
+            "binner": p["binner"],
+            "latent_dim": p["latent_dim"],
+            "noise_kinds": p["noise_kinds"],
+            "motors": p["motors"],
+            "status": "running",
+            "created": now,
+            "updated": now,
+            "n_frames": 0,
+            "bin_ids": [],
+            "bin_counts": {},
+            "bin_summary": {"ids": [], "counts": []},
+            "outlier_count": 0,
+            "has_outliers": False,
+            "structure_kind": None,
+            "errors": [],
+            "table_key": TABLE_KEY,
+        }
+        md.update(p.get("extra_metadata") or {})
+        return _jsonable(md)
+
+    def _connect(self) -> bool:
+        """Probe Tiled, then open (or create) node and table; False when Tiled is unreachable."""
+        if not self.store.reachable():
+            self._node = self._table = None
+            return False
+        if self._table is not None:
+            return True
+        try:
+            root = self.store.root_node()
+            if self.key in root:
+                node = root[self.key]
+                md = node.metadata
+                if int(md.get("latent_dim", self.layout.latent_dim)) != self.layout.latent_dim:
+                    raise ValueError(
+                        f"node {self.key!r} has latent_dim={md.get('latent_dim')}, "
+                        f"writer opened with latent_dim={self.layout.latent_dim}"
+                    )
+                self._errors = list(md.get("errors") or [])
+                self._structure_kind = self._structure_kind or md.get("structure_kind")
+            else:
+                from tiled.structures.core import Spec
+
+                node = root.create_container(
+                    self.key,
+                    metadata=self._initial_metadata(),
+                    specs=[Spec(DERIVED_SPEC, version=DERIVED_SPEC_VERSION)],
+                )
+            if TABLE_KEY in node:
+                table = node[TABLE_KEY]
+            else:
+                table = node.create_appendable_table(self.layout.schema(), key=TABLE_KEY)
+            self._node, self._table = node, table
+            self._refresh_from_server()
+            return True
+        except Exception as exc:
+            if not is_server_fault(exc):
+                raise
+            logger.warning("Tiled unreachable while opening %s: %s", self.key, exc)
+            self._node = self._table = None
+            return False
+
+    def _refresh_from_server(self) -> None:
+        """Re-read seq_num/bin_id/is_outlier from Tiled to seed dedup and summaries."""
+        df = self._table.read(columns=["seq_num", "bin_id", "is_outlier"])
+        self.stored_seq_nums = {int(s) for s in df["seq_num"]}
+        self._bin_counts = Counter(int(b) for b in df["bin_id"])
+        self._outliers = int(np.asarray(df["is_outlier"], dtype=bool).sum())
+
+    # -- rows ---------------------------------------------------------------------------------
+    def append(self, rows: Mapping[str, np.ndarray]) -> None:
+        """Validate rows (ValueError naming the column) and write new seq_nums to Tiled or backup."""
+        cols, skind = self.layout.validate(rows)
+        if skind is not None:
+            if self._structure_kind not in (None, skind):
+                raise ValueError(
+                    f"column 'structure': got {skind} values, node stores {self._structure_kind}"
+                )
+            if self._structure_kind is None:
+                self._structure_kind = skind
+                self._user_md["structure_kind"] = skind
+        seq = cols["seq_num"]
+        _, first = np.unique(seq, return_index=True)
+        keep = np.zeros(len(seq), dtype=bool)
+        keep[first] = True
+        known = self.stored_seq_nums | self._backup.seq_nums()
+        keep &= np.array([int(s) not in known for s in seq], dtype=bool)
+        cols = _select(cols, keep)
+        self.flush()
+        if len(cols["seq_num"]) == 0:
+            return
+        if self._backup.chunks() or not self._send(cols):
+            self._backup.write_open_params(self.params)
+            self._backup.add_rows(cols)
+            logger.warning(
+                "Tiled unreachable: %d rows for %s kept in %s",
+                len(cols["seq_num"]), self.key, self._backup.dir,
+            )
+            self._md_dirty = True
+            return
+        self._push_metadata()
+
+    def _send(self, cols: Mapping[str, np.ndarray]) -> bool:
+        """Append columns to the table; False on server fault."""
+        if not self._connect():
+            return False
+        try:
+            self._table.append_partition(0, self.layout.to_arrow(cols))
+        except Exception as exc:
+            if not is_server_fault(exc):
+                raise
+            logger.warning("Tiled append failed for %s: %s", self.key, exc)
+            self._node = self._table = None  # re-read stored seq_nums on reconnect
+            return False
+        self.stored_seq_nums.update(int(s) for s in cols["seq_num"])
+        self._bin_counts.update(int(b) for b in cols["bin_id"])
+        self._outliers += int(np.asarray(cols["is_outlier"], dtype=bool).sum())
+        return True
+
+    def flush(self) -> int:
+        """Send backed-up rows and pending metadata to Tiled; return rows sent (never raises on faults)."""
+        chunks = self._backup.chunks()
+        sent = 0
+        if chunks:
+            if not self._connect():
+                return 0
+            try:
+                self._refresh_from_server()
+            except Exception as exc:
+                if not is_server_fault(exc):
+                    raise
+                self._node = self._table = None
+                return 0
+            for path in chunks:
+                cols = self._backup.load(path)
+                mask = np.array([int(s) not in self.stored_seq_nums for s in cols["seq_num"]],
+                                dtype=bool)
+                cols = _select(cols, mask)
+                if len(cols["seq_num"]) and not self._send(cols):
+                    return sent
+                sent += len(cols["seq_num"])
+                path.unlink()
+        if self._md_dirty or sent:
+            self._push_metadata()
+        if not self._backup.chunks() and not self._md_dirty:
+            self._backup.cleanup()
+        return sent
+
+    # -- metadata -----------------------------------------------------------------------------
+    def _auto_metadata(self) -> dict[str, Any]:
+        ids = sorted(self._bin_counts)
+        counts = [int(self._bin_counts[i]) for i in ids]
+        return {
+            "n_frames": len(self.stored_seq_nums),
+            "bin_ids": ids,
+            "bin_counts": {str(i): c for i, c in zip(ids, counts)},
+            "bin_summary": {"ids": ids, "counts": counts},
+            "outlier_count": int(self._outliers),
+            "has_outliers": bool(self._outliers),
+            "updated": time.time(),
+        }
+
+    def _push_metadata(self) -> bool:
+        """Send auto summaries + user metadata; keep user metadata on disk on server fault."""
+        md = _jsonable({**self._auto_metadata(), **self._user_md})
+        ok = self._connect()
+        if ok:
+            try:
+                self._node.update_metadata(metadata=md)
+            except Exception as exc:
+                if not is_server_fault(exc):
+                    raise
+                logger.warning("Tiled metadata update failed for %s: %s", self.key, exc)
+                self._node = self._table = None
+                ok = False
+        if ok:
+            self._md_dirty = False
+            self._backup.set_pending_metadata({})
+        else:
+            self._md_dirty = True
+            self._backup.write_open_params(self.params)
+            self._backup.set_pending_metadata(_jsonable(self._user_md))
+        return ok
+
+    def update_metadata(self, **md: Any) -> None:
+        """Merge user metadata (e.g. bin_summary, status) into the node; kept locally if Tiled is down."""
+        if "status" in md and md["status"] not in STATUSES:
+            raise ValueError(f"status must be one of {STATUSES}, got {md['status']!r}")
+        self._user_md.update(_jsonable(md))
+        self._push_metadata()
+
+    def finish(self, status: str = "complete", **md: Any) -> None:
+        """Flush backups and mark the node ``status`` (running/complete/failed)."""
+        if status not in STATUSES:
+            raise ValueError(f"status must be one of {STATUSES}, got {status!r}")
+        self._user_md.update(_jsonable({**md, "status": status, "finished": time.time()}))
+        self._md_dirty = True
+        self.flush()
+        if self._backup.chunks() or self._md_dirty:
+            logger.warning("finish(%s): Tiled unreachable, data kept in %s", self.key,
+                           self._backup.dir)
+
+    def record_error(self, message: str) -> None:
+        """Append ``message`` to the node's bounded ``errors`` list; never raises."""
+        try:
+            self._errors.append(str(message)[:MAX_ERROR_CHARS])
+            del self._errors[:-MAX_ERRORS]
+            self.update_metadata(errors=list(self._errors))
+        except Exception as exc:  # noqa: BLE001 - must never raise
+            logger.warning("record_error failed for %s: %s", self.key, exc)
+
+    # -- reading ------------------------------------------------------------------------------
+    def read(self) -> xr.Dataset:
+        """Read this node back from Tiled as an xarray.Dataset."""
+        if not self._connect():
+            raise ConnectionError(f"Tiled unreachable; cannot read derived node {self.key!r}")
+        return read_derived(self._node)
+
+
+class DerivedStore:
+    """Factory for per-(raw run, model) derived nodes under a top-level container ``root``."""
+
+    def __init__(
+        self,
+        client: Any,
+        *,
+        root: str = "gisaxs_derived",
+        backup_dir: str | Path | None = None,
+        probe_timeout: float = 2.0,
+    ) -> None:
+        self.client = client
+        self.root = root
+        self.backup_dir = Path(backup_dir) if backup_dir is not None else default_backup_dir()
+        self.probe_timeout = probe_timeout
+        try:
+            if self.reachable():
+                self.root_node()
+        except Exception as exc:
+            if not is_server_fault(exc):
+                raise
+            logger.warning("Tiled unreachable creating %r: %s", root, exc)
+
+    def reachable(self) -> bool:
+        """One fast request (no retries) to tell whether Tiled answers at all."""
+        ctx = self.client.context
+        try:
+            if type(ctx.http_client).__name__ == "TestClient":  # in-process app: no timeouts
+                r = ctx.http_client.get(ctx.api_uri)
+            else:
+                r = ctx.http_client.get(ctx.api_uri, timeout=self.probe_timeout)
+        except httpx.HTTPError:
+            return False
+        return r.status_code < 500
+
+    def root_node(self) -> Any:
+        """The root container client, created at top level if absent."""
+        if self.root in self.client:
+            return self.client[self.root]
+        try:
+            return self.client.create_container(
+                self.root, metadata={"description": "GISAXS derived data (latents, bins)"}
+            )
+        except Exception:
+            if self.root in self.client:  # created concurrently
+                return self.client[self.root]
+            raise
+
+    @staticmethod
+    def node_key(raw_uid: str, model: Mapping[str, Any]) -> str:
+        """Key of the node for (raw run, model): ``f"{raw_uid}-{name}-{version}"`` (unsafe chars -> _)."""
+        return _safe_key(f"{raw_uid}-{model['name']}-{model['version']}")
+
+    def open(
+        self,
+        raw_uid: str,
+        *,
+        scan_id: int | None,
+        model: dict,
+        binner: dict,
+        latent_dim: int,
+        noise_kinds: Sequence[str],
+        motors: Sequence[str] = (),
+        extra_metadata: dict | None = None,
+    ) -> DerivedRunWriter:
+        """Create or reopen the node for (raw_uid, model); ``stored_seq_nums`` lists rows present."""
+        if not raw_uid or not isinstance(raw_uid, str):
+            raise ValueError(f"raw_uid must be a non-empty str, got {raw_uid!r}")
+        for field in ("name", "version", "sha256"):
+            if field not in model:
+                raise ValueError(f"model is missing {field!r}: {model!r}")
+        params = _jsonable(
+            {
+                "raw_uid": raw_uid,
+                "scan_id": None if scan_id is None else int(scan_id),
+                "model": {k: str(v) for k, v in model.items()},
+                "binner": dict(binner),
+                "latent_dim": int(latent_dim),
+                "noise_kinds": [str(k) for k in noise_kinds],
+                "motors": [str(m) for m in motors],
+                "extra_metadata": dict(extra_metadata or {}),
+            }
+        )
+        return DerivedRunWriter(self, self.node_key(raw_uid, model), params)
+
+    def flush_backups(self) -> int:
+        """Re-send every backed-up node under ``backup_dir``; return rows sent."""
+        sent = 0
+        if not self.backup_dir.exists():
+            return 0
+        for params_file in sorted(self.backup_dir.glob("*/open.json")):
+            params = json.loads(params_file.read_text())
+            writer = DerivedRunWriter(self, self.node_key(params["raw_uid"], params["model"]),
+                                      params)
+            sent += writer.flushed_at_open + writer.flush()
+        return sent
+
+
+def read_derived(node: Any) -> xr.Dataset:
+    """Derived node (container client or its frames table) -> Dataset sorted by seq_num."""
+    if hasattr(node, "append_partition"):  # the table itself
+        container, table = node, node
+    else:
+        container, table = node, node[TABLE_KEY]
+    md = dict(container.metadata)
+    df = table.read().sort_values("seq_num").reset_index(drop=True)
+    latent_dim = int(md.get("latent_dim", sum(c.startswith("latent_") for c in df.columns)))
+    kinds = list(md.get("noise_kinds", []))
+    motors = list(md.get("motors", []))
+    n = len(df)
+    latent = np.stack([df[_latent_col(i)].to_numpy("float32") for i in range(latent_dim)], axis=1) \
+        if n else np.zeros((0, latent_dim), "float32")
+    noise = np.stack([df[_noise_col(j)].to_numpy("float32") for j in range(len(kinds))], axis=1) \
+        if n and kinds else np.zeros((n, len(kinds)), "float32")
+    structure = df["structure"].astype(str).to_numpy() if n else np.array([], dtype=str)
+    if md.get("structure_kind") == "int" and n:
+        structure = np.array([int(s) if s != "" else -1 for s in structure], dtype="int64")
+    data_vars: dict[str, Any] = {
+        "time": ("frame", df["time"].to_numpy("float64")),
+        "latent": (("frame", "latent_dim"), latent),
+        "bin_id": ("frame", df["bin_id"].to_numpy("int64")),
+        "outlier_score": ("frame", df["outlier_score"].to_numpy("float32")),
+        "is_outlier": ("frame", df["is_outlier"].to_numpy(bool)),
+        "recon_error": ("frame", df["recon_error"].to_numpy("float32")),
+        "noise_prob": (("frame", "noise_kind"), noise),
+        "structure": ("frame", structure),
+        "radius_nm": ("frame", df["radius_nm"].to_numpy("float64")),
+        "distance_nm": ("frame", df["distance_nm"].to_numpy("float64")),
+    }
+    for m in motors:
+        data_vars[m] = ("frame", df[m].to_numpy("float64"))
+    return xr.Dataset(
+        data_vars,
+        coords={
+            "seq_num": ("frame", df["seq_num"].to_numpy("int64")),
+            "noise_kind": ("noise_kind", kinds),
+            "latent_dim": ("latent_dim", np.arange(latent_dim)),
+        },
+        attrs=md,
+    )
