@@ -31,7 +31,14 @@ class OnlineBinner:
 
     ``spread`` is the calibrated within-identity scatter of latents (frames of one identity
     under every noise kind and dose) and ``recon_threshold`` the reconstruction error that
-    clean simulated frames rarely exceed; :meth:`calibrate` sets both from labelled data.
+    clean simulated frames rarely exceed. ``reference`` holds centres of the latents of
+    simulated frames (what the model knows) and ``reference_threshold`` the distance to the
+    nearest centre that they rarely exceed. :meth:`calibrate` sets all from labelled data.
+
+    Outlier score = max(recon_error / recon_threshold, distance to the nearest reference
+    centre / reference_threshold): > 1 means the frame fits nothing the model knows. A frame
+    that opens a new bin is not an outlier for that alone: a new region of the sample is news,
+    not an anomaly.
     """
 
     def __init__(
@@ -41,6 +48,8 @@ class OnlineBinner:
         spread: float = 1.0,
         recon_threshold: float = float("inf"),
         model_sha256: str = "",
+        reference: np.ndarray | None = None,
+        reference_threshold: float = float("inf"),
     ) -> None:
         self.config = config or BinnerConfig()
         if not np.isfinite(spread) or spread <= 0:
@@ -50,6 +59,9 @@ class OnlineBinner:
         self.spread = float(spread)
         self.recon_threshold = float(recon_threshold)
         self.model_sha256 = model_sha256
+        self.reference = (np.zeros((0, 0)) if reference is None
+                          else np.asarray(reference, dtype=np.float64))
+        self.reference_threshold = float(reference_threshold)
         self.centroids = np.zeros((0, 0), dtype=np.float64)
         self.counts = np.zeros(0, dtype=np.int64)
         self.ids = np.zeros(0, dtype=np.int64)
@@ -66,6 +78,8 @@ class OnlineBinner:
             **self.config.to_dict(),
             "spread": self.spread,
             "recon_threshold": self.recon_threshold,
+            "reference_threshold": self.reference_threshold,
+            "n_reference": len(self.reference),
             "model_sha256": self.model_sha256,
         }
 
@@ -91,6 +105,7 @@ class OnlineBinner:
         dist_out = np.zeros(n, dtype=np.float32)
         new_bin = np.zeros(n, dtype=bool)
         radius = self.config.join_radius
+        latent_score = self.reference_score(z)
         for i in range(n):
             finite = np.isfinite(z[i]).all() and np.isfinite(err[i])
             if not finite:
@@ -98,24 +113,33 @@ class OnlineBinner:
                 dist_out[i] = np.inf
                 continue
             recon_score = err[i] / self.recon_threshold
+            score[i] = max(recon_score, latent_score[i])
             if recon_score > 1:
                 # the model cannot explain this frame: it fits no bin, and must not move one
-                score[i] = recon_score
                 dist_out[i] = self._nearest(z[i])[1]
                 continue
             k, d = self._nearest(z[i])
             if k < 0 or d > radius:
-                novelty = d / radius if k >= 0 else 0.0
                 k = self._open(z[i])
                 new_bin[i] = True
-                dist_out[i] = 0.0
-                score[i] = max(recon_score, novelty)
+                d = 0.0
             else:
                 self._join(k, z[i])
-                dist_out[i] = d
-                score[i] = max(recon_score, d / radius)
+            dist_out[i] = d
             bin_id[i] = self.ids[k]
         return BinAssignment(bin_id, score, score > 1, dist_out, new_bin)
+
+    def reference_score(self, z: np.ndarray) -> np.ndarray:
+        """Distance to the nearest reference centre over its calibrated threshold (0 if none)."""
+        if not len(self.reference) or not np.isfinite(self.reference_threshold):
+            return np.zeros(len(z))
+        if z.shape[1] != self.reference.shape[1]:
+            raise ValueError(
+                f"identity_latent dimension {z.shape[1]} does not match the reference "
+                f"dimension {self.reference.shape[1]} (a different model?)"
+            )
+        d2 = ((z[:, None, :] - self.reference[None]) ** 2).sum(-1)
+        return np.sqrt(np.nan_to_num(d2, nan=np.inf).min(axis=1)) / self.reference_threshold
 
     def _nearest(self, z: np.ndarray) -> tuple[int, float]:
         if not self.n_bins:
@@ -156,6 +180,16 @@ class OnlineBinner:
         self.recon_threshold = float(
             max(np.quantile(np.asarray(recon_error), self.config.recon_quantile), 1e-6)
         )
+        # reference centres from one half of the frames, threshold from the other half
+        rng = np.random.default_rng(0)
+        order = rng.permutation(len(z))
+        fit, held = z[order[: len(z) // 2]], z[order[len(z) // 2 :]]
+        self.reference = _kmeans(fit, min(self.config.n_reference, len(fit)), rng)
+        self.reference_threshold = float("inf")
+        nearest = np.sqrt(((held[:, None] - self.reference[None]) ** 2).sum(-1).min(axis=1))
+        self.reference_threshold = float(
+            max(np.quantile(nearest, self.config.reference_quantile), 1e-6)
+        )
         return self
 
     # ------------------------------------------------------------------- state
@@ -166,6 +200,8 @@ class OnlineBinner:
             "spread": self.spread,
             "recon_threshold": self.recon_threshold,
             "model_sha256": self.model_sha256,
+            "reference": self.reference.tolist(),
+            "reference_threshold": self.reference_threshold,
             "centroids": self.centroids.tolist(),
             "counts": self.counts.tolist(),
             "ids": self.ids.tolist(),
@@ -181,9 +217,12 @@ class OnlineBinner:
             spread=state["spread"],
             recon_threshold=state["recon_threshold"],
             model_sha256=state.get("model_sha256", ""),
+            reference=np.asarray(state["reference"]) if state.get("reference") else None,
+            reference_threshold=state.get("reference_threshold", float("inf")),
         )
-        binner.centroids = np.asarray(state["centroids"], dtype=np.float64).reshape(
-            len(state["ids"]), -1
+        centroids = np.asarray(state["centroids"], dtype=np.float64)
+        binner.centroids = centroids.reshape(len(state["ids"]), -1) if len(state["ids"]) else (
+            np.zeros((0, 0), dtype=np.float64)
         )
         binner.counts = np.asarray(state["counts"], dtype=np.int64)
         binner.ids = np.asarray(state["ids"], dtype=np.int64)
@@ -207,3 +246,19 @@ class OnlineBinner:
 
     def copy(self) -> OnlineBinner:
         return OnlineBinner.from_state(self.state_dict())
+
+
+def _kmeans(z: np.ndarray, k: int, rng: np.random.Generator, iterations: int = 25) -> np.ndarray:
+    """Plain k-means (k-means++ start) for the reference centres."""
+    centres = [z[rng.integers(len(z))]]
+    for _ in range(1, k):
+        d2 = ((z[:, None] - np.array(centres)[None]) ** 2).sum(-1).min(axis=1)
+        centres.append(z[rng.choice(len(z), p=d2 / d2.sum()) if d2.sum() > 0 else rng.integers(len(z))])
+    centres = np.array(centres)
+    for _ in range(iterations):
+        labels = ((z[:, None] - centres[None]) ** 2).sum(-1).argmin(axis=1)
+        for j in range(k):
+            members = z[labels == j]
+            if len(members):
+                centres[j] = members.mean(axis=0)
+    return centres

@@ -27,7 +27,7 @@ class PreprocessConfig:
 class ModelConfig:
     """Architecture of the denoising autoencoder (kept in every checkpoint card)."""
 
-    in_channels: int = 3  # log intensity, valid fraction, detector-flagged fraction
+    in_channels: int = 6  # log mean, valid, flagged, log max/mean, zero and negative fractions
     base_channels: int = 16
     identity_dim: int = 16  # latent part that carries structure / radius / distance
     noise_dim: int = 8  # latent part that carries the noise kinds
@@ -47,13 +47,17 @@ class BinnerConfig:
     """Online binning in the identity latent space.
 
     A frame joins the nearest bin when its distance is below ``join_radius`` (in units of the
-    calibrated within-identity spread); its outlier score is the larger of recon_error /
-    recon_threshold and distance / (join_radius * spread): above 1 means outlier.
+    calibrated within-identity spread). Its outlier score is the larger of recon_error /
+    recon_threshold and (distance to the nearest of ``n_reference`` centres of simulated
+    latents) / reference_threshold; above 1 means outlier. The quantiles set how many clean
+    simulated frames each part flags (0.995 + 0.995: about 1 %).
     """
 
     join_radius: float = 2.0  # two frames of one identity can sit 2 spreads apart
     recon_quantile: float = 0.995
     spread_quantile: float = 0.995
+    reference_quantile: float = 0.995
+    n_reference: int = 64
     centroid_momentum: float = 0.0  # 0: running mean; >0: exponential moving average
 
     def to_dict(self) -> dict:

@@ -48,6 +48,7 @@ __all__ = [
     "build_queries",
     "select_runs",
     "load_model",
+    "load_binner_state",
     "find_image_key",
     "replay_run",
     "replay_runs",
@@ -231,12 +232,28 @@ def load_model(spec: str | Any = "pretrained", device: str = "cpu") -> Any:
     return encoder
 
 
-def _make_binner(encoder: Any, options: ReplayOptions) -> Any:
+def load_binner_state(path: str | Path) -> Any:
+    """OnlineBinner from a state file (OnlineBinner.save), also one saved before any frame."""
     from .binning import OnlineBinner
+    from .config import BinnerConfig
+
+    try:
+        state = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ReplayError(f"binner state {str(path)!r} cannot be read: {exc}") from exc
+    if state.get("ids"):
+        return OnlineBinner.from_state(state)
+    # OnlineBinner.from_state cannot reshape an empty centroid list: build it directly
+    return OnlineBinner(BinnerConfig(**state["config"]), spread=state["spread"],
+                        recon_threshold=state["recon_threshold"],
+                        model_sha256=state.get("model_sha256", ""))
+
+
+def _make_binner(encoder: Any, options: ReplayOptions) -> Any:
     from .models import make_binner
 
     if options.binner_state:
-        return OnlineBinner.load(options.binner_state)
+        return load_binner_state(options.binner_state)
     return make_binner(encoder)
 
 
@@ -724,11 +741,37 @@ def _make_callback(cls: Any, client: Any, encoder: Any, options: ReplayOptions) 
     import inspect
 
     params = inspect.signature(cls).parameters
-    wanted = {"encoder": encoder, "root": options.root, "backup_dir": options.backup_dir,
+    wanted = {"encoder": encoder, "binner": _make_binner(encoder, options),
+              "persist_binner": False,
+              "root": options.root, "backup_dir": options.backup_dir,
               "batch_size": options.batch_size, "image_key": options.image_key,
               "stream_name": options.stream}
     kwargs = {k: v for k, v in wanted.items() if k in params and v is not None}
     return cls(client, **kwargs)
+
+
+def _reachable(client: Any, timeout: float = 2.0) -> bool:
+    """One quick request (no retries) to the client's server; False when it does not answer."""
+    import httpx
+
+    ctx = getattr(client, "context", None)
+    if ctx is None:
+        return True
+    try:
+        if type(ctx.http_client).__name__ == "TestClient":  # in-process app
+            r = ctx.http_client.get(ctx.api_uri)
+        else:
+            r = ctx.http_client.get(ctx.api_uri, timeout=timeout)
+    except httpx.HTTPError:
+        return False
+    return r.status_code < 500
+
+
+def _server_of(client: Any) -> str:
+    try:
+        return str(client.context.api_uri).split("?")[0]
+    except Exception:  # noqa: BLE001
+        return "?"
 
 
 def replay_runs(
@@ -766,6 +809,13 @@ def replay_runs(
     try:
         for uid in uids:
             bar.set_postfix_str(uid[:8])
+            down = [c for c in ([catalog] if target is catalog else [catalog, target])
+                    if not _reachable(c)]
+            if down:  # fail fast instead of the client's long retry loop
+                summaries.append(RunSummary(uid=uid, status="failed", errors=[
+                    f"run {uid}: Tiled unreachable at {_server_of(down[0])} (run not started)"
+                ]))
+                continue
             if options.method == "callback":
                 summaries.append(_replay_run_callback(catalog, uid, encoder=encoder,
                                                       target=target, options=options))
@@ -792,9 +842,17 @@ def connect(uri: str, api_key: str | None = None) -> Any:
     """Tiled client for ``uri``; ReplayError naming the URI when it cannot be reached."""
     from tiled.client import from_uri
 
+    import httpx
+
     key = (uri, api_key)
     if key in _CLIENTS:
         return _CLIENTS[key]
+    try:  # one quick probe first: the client itself retries for a long time
+        httpx.get(uri, timeout=5.0, headers={"Authorization": f"Apikey {api_key}"}
+                  if api_key else None)
+    except httpx.HTTPError as exc:
+        raise ReplayError(f"cannot reach Tiled at {uri.split('?')[0]!r}: "
+                          f"{type(exc).__name__}: {exc}") from exc
     try:
         client = from_uri(uri, api_key=api_key) if api_key else from_uri(uri)
     except Exception as exc:  # noqa: BLE001 - turn into a clear message

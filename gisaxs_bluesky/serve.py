@@ -104,6 +104,11 @@ class ZmqConsumer:
                 self.dispatcher.start()
         except (asyncio.CancelledError, KeyboardInterrupt):
             pass
+        except Exception as exc:  # e.g. a bad address: keep it for the caller
+            self.errors.append(f"consumer for {self.address!r} failed: "
+                               f"{type(exc).__name__}: {exc}")
+            logger.error("%s", self.errors[-1])
+            raise
         finally:
             self.stopped.set()
 

@@ -29,14 +29,19 @@ OUTCOME_KEYS = ("bin_id", "outlier_score", "is_outlier", "recon_error")
 class DAEOptimizer:
     """Suggests coarse-grid points, then DAE-driven refinements; ``ingest`` takes outcomes.
 
-    Suggestions are ``{"_id": str, <motor>: value, "exposure_factor": float}``. Outcomes need
+    Suggestions are ``{"_id": str, <motor>: value}`` (only motors: ``default_acquire`` routes
+    on every key); :meth:`exposure_factor` gives a suggestion's exposure multiplier.
+    ``remeasure_noise`` points are suggested only with ``apply_exposure=True`` (an acquisition
+    plan that applies :meth:`exposure_factor` and reports ``exposure_factor`` in the outcome),
+    since ``default_acquire`` would repeat the same exposure. Outcomes need
     ``_id`` (of a suggestion, whose position is then known) or the motor positions, plus
     ``bin_id``, ``outlier_score``, ``is_outlier`` and optionally ``recon_error``,
     ``noise_prob_<kind>``.
     """
 
     def __init__(self, config: SuggestConfig, coarse: Mapping[str, Sequence[float]], *,
-                 budget: int, noise_kinds: Sequence[str] = ()) -> None:
+                 budget: int, noise_kinds: Sequence[str] = (),
+                 apply_exposure: bool = False) -> None:
         self.config = config
         self.motors = tuple(config.limits)
         if set(coarse) != set(self.motors):
@@ -53,6 +58,7 @@ class DAEOptimizer:
             raise ValueError(f"budget={budget} must be >= 1")
         self.budget = int(budget)
         self.noise_kinds = tuple(noise_kinds)
+        self.apply_exposure = bool(apply_exposure)
         self.rows: list[dict[str, Any]] = []
         self.suggested: dict[str, dict[str, Any]] = {}
         self.reasons: dict[str, Suggestion | None] = {}
@@ -72,12 +78,24 @@ class DAEOptimizer:
 
     def _register(self, position: Mapping[str, float], s: Suggestion | None) -> dict[str, Any]:
         _id = f"pt{next(self._ids):04d}"
-        d = {ID_KEY: _id, **{m: float(position[m]) for m in self.motors},
-             "exposure_factor": float(s.exposure_factor if s else 1.0)}
+        d = {ID_KEY: _id, **{m: float(position[m]) for m in self.motors}}
         self.suggested[_id] = d
         self.reasons[_id] = s
         self.pending.add(_id)
         return dict(d)
+
+    def exposure_factor(self, _id: str) -> float:
+        """Exposure multiplier of suggestion ``_id`` (1.0 unless a noise re-measurement)."""
+        s = self.reasons.get(str(_id))
+        return float(s.exposure_factor) if s is not None else 1.0
+
+    def _suggest_core(self, n: int, exclude: list) -> list[Suggestion]:
+        if not self.rows:
+            return []
+        out = suggest_points(self.results(), self.config, max_points=None, exclude=exclude)
+        if not self.apply_exposure:
+            out = [s for s in out if s.reason != "remeasure_noise"]
+        return out[:n]
 
     def suggest(self, num_points: int | None = None) -> list[dict[str, Any]]:
         """Up to ``num_points`` (default 1) new points within limits and budget, with ``_id``."""
@@ -89,10 +107,9 @@ class DAEOptimizer:
         while len(out) < n and self._next_coarse < len(self.coarse):
             out.append(self._register(self.coarse[self._next_coarse], None))
             self._next_coarse += 1
-        if len(out) < n and self.rows:
+        if len(out) < n:
             exclude = [self.suggested[i] for i in self.pending] + out
-            for s in suggest_points(self.results(), self.config, max_points=n - len(out),
-                                    exclude=exclude):
+            for s in self._suggest_core(n - len(out), exclude):
                 out.append(self._register(s.position, s))
         if not out:
             logger.info("nothing to suggest (budget left %d)", self.budget - self.n_suggested)
@@ -136,7 +153,7 @@ class DAEOptimizer:
         if self._next_coarse < len(self.coarse):
             return False, None
         exclude = [self.suggested[i] for i in self.pending]
-        if not suggest_points(self.results(), self.config, max_points=1, exclude=exclude):
+        if not self._suggest_core(1, exclude):
             return True, "no further suggestions"
         return False, None
 

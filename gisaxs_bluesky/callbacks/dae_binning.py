@@ -274,7 +274,14 @@ class DAEBinningCallback(DocumentRouter):
     :class:`~gisaxs_bluesky.store.DerivedStore`, batching (``batch_size``,
     ``batch_timeout``), queue policy (``max_queue``, ``put_timeout``, ``spill_dir``),
     ``frame_timeout`` (wait for lagging HDF5 frames), ``handler_registry`` for legacy
-    resources, ``mask`` (pixels to ignore), ``extra_metadata`` for every derived node.
+    resources, ``mask`` (pixels to ignore), ``extra_metadata`` for every derived node,
+    ``write_lock`` held around every Tiled write (see :func:`serialized`; needed with SQLite
+    table storage), ``read_from_tiled`` to read every non-inline frame from Tiled instead of
+    its file (``TiledWriter`` must be subscribed before this callback).
+
+    Raises ``CheckpointError`` here (not in the RunEngine) if no encoder is given and the
+    pretrained weights are missing. Call :meth:`wait` before the process exits: the worker is
+    a daemon thread.
     """
 
     def __init__(
@@ -300,6 +307,7 @@ class DAEBinningCallback(DocumentRouter):
         device: str = "auto",
         extra_metadata: Mapping[str, Any] | None = None,
         write_lock: Any = None,
+        read_from_tiled: bool = False,
     ) -> None:
         super().__init__()
         from ..models import load_pretrained, make_binner
@@ -335,6 +343,7 @@ class DAEBinningCallback(DocumentRouter):
         self.handler_registry = dict(_default_handlers(), **(handler_registry or {}))
         self.extra_metadata = dict(extra_metadata or {})
         self.write_lock = write_lock if write_lock is not None else contextlib.nullcontext()
+        self.read_from_tiled = bool(read_from_tiled)
 
         self._runs: dict[str, _RunState] = {}
         self._descriptor_run: dict[str, str] = {}
@@ -379,8 +388,18 @@ class DAEBinningCallback(DocumentRouter):
             logger.exception("DAEBinningCallback failed on %r document", name)
             run = self._run_for(name, doc)
             if run is not None:
-                run.pending_errors.append(f"{name} document: {type(exc).__name__}: {exc}")
+                self._note(run, f"{name} document: {type(exc).__name__}: {exc}")
             return name, doc
+
+    def _note(self, run: _RunState, message: str) -> None:
+        """Queue an error for the run's derived node (recorded by the worker)."""
+        with self._cond:
+            run.pending_errors.append(message)
+
+    def _take_errors(self, run: _RunState) -> list[str]:
+        with self._cond:
+            errors, run.pending_errors = run.pending_errors, []
+        return errors
 
     def _run_for(self, name: str, doc: Mapping[str, Any]) -> _RunState | None:
         uid = None
@@ -410,7 +429,7 @@ class DAEBinningCallback(DocumentRouter):
         name = doc.get("name", "primary")
         if key is None or key not in data_keys:
             if self.image_key is not None and (self.stream_name in (None, name)):
-                run.pending_errors.append(
+                self._note(run, 
                     f"stream {name!r}: image_key {self.image_key!r} not in data keys "
                     f"{sorted(data_keys)}"
                 )
@@ -441,7 +460,7 @@ class DAEBinningCallback(DocumentRouter):
                 self._on_event(run, stream, event)
             except Exception as exc:  # noqa: BLE001 - one bad event must not hide the rest
                 logger.exception("event seq_num=%s", event.get("seq_num"))
-                run.pending_errors.append(
+                self._note(run, 
                     f"event seq_num={event.get('seq_num')}: {type(exc).__name__}: {exc}"
                 )
 
@@ -537,7 +556,7 @@ class DAEBinningCallback(DocumentRouter):
         self, run: _RunState, stream: _Stream, resource: dict, index: int, seq: int
     ) -> tuple[Callable[[], np.ndarray], str]:
         mimetype = resource.get("mimetype", "")
-        if mimetype in HDF5_MIMETYPES:
+        if mimetype in HDF5_MIMETYPES and not self.read_from_tiled:
             try:
                 path = _uri_to_path(resource["uri"])
             except ValueError:
@@ -563,9 +582,10 @@ class DAEBinningCallback(DocumentRouter):
         datum = run.datums.get(datum_id)
         resource = run.resources.get(datum["resource"]) if datum else None
         handler_cls = self.handler_registry.get(resource["spec"]) if resource else None
-        if datum is None or resource is None or handler_cls is None:
+        if datum is None or resource is None or handler_cls is None or self.read_from_tiled:
             why = ("unknown datum" if datum is None else "unknown resource"
-                   if resource is None else f"no handler for spec {resource['spec']!r}")
+                   if resource is None else "read_from_tiled" if self.read_from_tiled
+                   else f"no handler for spec {resource['spec']!r}")
             logger.debug("datum %s: %s; reading from Tiled", datum_id, why)
             return self._tiled_loader(run, stream, seq), f"tiled ({why})"
         rkey = resource["uid"]
@@ -735,8 +755,7 @@ class DAEBinningCallback(DocumentRouter):
     def _process(self, items: list[_Frame]) -> None:
         """Worker: load, encode and bin a batch of one run's frames, then store the rows."""
         run = items[0].run
-        errors = list(run.pending_errors)
-        run.pending_errors.clear()
+        errors = self._take_errors(run)
         frames: list[Any] = []
         for it in items:
             if it.error is not None:
@@ -792,11 +811,11 @@ class DAEBinningCallback(DocumentRouter):
     def _finish_locked(self, item: _Finish) -> None:
         run = item.run
         try:
-            if run.pending_errors:
+            pending = self._take_errors(run)
+            if pending:
                 writer = self._writer(run)
                 if writer is not None:
-                    writer.record_error("; ".join(run.pending_errors))
-                run.pending_errors.clear()
+                    writer.record_error("; ".join(pending))
             failed = (
                 item.exit_status != "success"
                 or run.writer_failed is not None

@@ -32,12 +32,10 @@ __all__ = [
 def make_binner(encoder: Encoder):
     """A fresh OnlineBinner calibrated for this encoder (spread, recon threshold from its card)."""
     from ..binning import OnlineBinner
-    from ..config import BinnerConfig
 
-    cal = encoder.card.get("binner", {})
-    return OnlineBinner(
-        BinnerConfig(**cal.get("config", {})),
-        spread=float(cal.get("spread", 1.0)),
-        recon_threshold=float(cal.get("recon_threshold", float("inf"))),
-        model_sha256=encoder.sha256,
-    )
+    cal = encoder.card.get("binner")
+    if not cal:
+        return OnlineBinner(model_sha256=encoder.sha256)  # uncalibrated: unit spread, no outliers
+    state = {k: v for k, v in cal.items() if k != "calibrated_on"}
+    state["model_sha256"] = encoder.sha256
+    return OnlineBinner.from_state(state)

@@ -35,7 +35,7 @@ class DAEOutput(dict):
 
 
 class GisaxsDAE(nn.Module):
-    """Convolutional DAE for (3, 128, 128) inputs; reconstructs (64, 64) clean log intensity.
+    """Convolutional DAE for (6, 128, 128) inputs; reconstructs (64, 64) clean log intensity.
 
     The decoder sees only the identity part of the latent, so the clean pattern must be
     recoverable from identity alone; the noise classifier sees only the noise part, which is
@@ -74,7 +74,7 @@ class GisaxsDAE(nn.Module):
         )
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(N, 3, 128, 128) -> (z_identity (N, Di), z_noise (N, Dn))."""
+        """(N, 6, 128, 128) -> (z_identity (N, Di), z_noise (N, Dn))."""
         f1 = self.stem(x)
         f2 = self.block2(f1)
         f3 = self.block3(f2)

@@ -131,7 +131,7 @@ class Encoder:
         return {"name": self.name, "version": self.version, "sha256": self.sha256}
 
     def preprocess(self, frames, mask: np.ndarray | None = None) -> np.ndarray:
-        """(N, H, W) frames (any numeric dtype) -> (N, 3, h, w) float32, two threads."""
+        """(N, H, W) frames (any numeric dtype) -> (N, 6, h, w) float32, two threads."""
         frames = _as_frames(frames)
         cfg = self.preprocess_config
         if len(frames) == 1:
@@ -163,7 +163,7 @@ class Encoder:
 
     @torch.inference_mode()
     def encode_preprocessed(self, x: np.ndarray, *, return_denoised: bool = False) -> dict:
-        """Model pass on preprocessed (n, 3, h, w) input; returns a dict of numpy arrays."""
+        """Model pass on preprocessed (n, 6, h, w) input; returns a dict of numpy arrays."""
         t = torch.from_numpy(np.ascontiguousarray(x)).to(self.device, non_blocking=True)
         use_amp = self.device.type == "cuda"
         with torch.autocast(self.device.type, enabled=use_amp, dtype=torch.float16):

@@ -37,13 +37,13 @@ LATTICE = torch.tensor([s not in ("spheres_dilute", "cylinders_dilute") for s in
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 8
+    epochs: int = 12
     batch_identities: int = 32  # each identity brings all its noisy frames to the batch
     lr: float = 2e-3
     weight_decay: float = 1e-4
     seed: int = 0
     w_recon: float = 10.0
-    w_noise: float = 1.0
+    w_noise: float = 3.0
     w_structure: float = 1.0
     w_size: float = 2.0
     w_consistency: float = 1.0
@@ -200,9 +200,14 @@ def train(
         if "optimizer" in payload:
             optimizer.load_state_dict(payload["optimizer"])
         extra = payload.get("extra", {})
-        if "scheduler" in extra:
-            scheduler.load_state_dict(extra["scheduler"])
         start_epoch = int(card.get("epochs_done", 0))
+        saved = extra.get("scheduler", {})
+        if saved.get("total_steps") == total_steps:
+            scheduler.load_state_dict(saved)  # the same schedule, interrupted
+        else:  # more epochs than first planned: a fresh one-cycle over the remaining steps
+            remaining = max((cfg.epochs - start_epoch) * steps_per_epoch, 1)
+            scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, cfg.lr, total_steps=remaining,
+                                                            pct_start=0.05)
         history = list(card.get("history", []))
         rng = np.random.default_rng([cfg.seed, start_epoch])
         log.info("resuming %s at epoch %d of %d", out, start_epoch, cfg.epochs)
@@ -240,8 +245,7 @@ def train(
                         extra={"scheduler": scheduler.state_dict()})
     if val is not None and cfg.epochs > start_epoch:
         binner = calibrate_binner(model, val, dev)
-        card["binner"] = {"config": binner.config.to_dict(), "spread": binner.spread,
-                          "recon_threshold": binner.recon_threshold, "calibrated_on": str(val.path)}
+        card["binner"] = {**binner.state_dict(), "calibrated_on": str(val.path)}
         card = save_checkpoint(out, model, card, optimizer=optimizer,
                                extra={"scheduler": scheduler.state_dict()})
     elif not card:
@@ -262,7 +266,7 @@ def _card(model, data, val, cfg, name, version, history, epochs_done) -> dict:
         "epochs_done": epochs_done,
         "history": history,
         "metrics": history[-1].get("val", {}),
-        "torch": torch.__version__,
+        "torch": str(torch.__version__),
     }
 
 

@@ -24,7 +24,7 @@ __all__ = ["DatasetSpec", "generate", "iter_identity", "pool2", "add_arguments",
 class DatasetSpec:
     """What to simulate: identities x noisy frames each, and at which resolution to store.
 
-    ``binned=True`` stores model inputs (3, 128, 128) and clean targets (64, 64) as float16;
+    ``binned=True`` stores model inputs (6, 128, 128) and clean targets (64, 64) as float16;
     ``binned=False`` stores full detector counts and expected intensity (float32).
     """
 
@@ -140,7 +140,7 @@ def generate(
         f.attrs["noise_kinds"] = list(NOISE_KINDS)
         f.attrs["structures"] = list(STRUCTURES)
         if spec.binned:
-            f.create_dataset("inputs", (n, 3, 128, 128), np.float16, chunks=(1, 3, 128, 128))
+            f.create_dataset("inputs", (n, 6, 128, 128), np.float16, chunks=(1, 6, 128, 128))
             f.create_dataset("target", (n, 64, 64), np.float16, chunks=(1, 64, 64))
         else:
             shape = Geometry().shape

@@ -38,7 +38,7 @@ def encoder() -> Encoder:
 def test_preprocess_any_dtype_gives_three_finite_channels(frames):
     for dtype in (np.int32, np.uint16, np.float32, np.float64, np.int64):
         x = preprocess(np.clip(frames[0], 0, 60000).astype(dtype))
-        assert x.shape == (3, 128, 128) and x.dtype == np.float32
+        assert x.shape == (6, 128, 128) and x.dtype == np.float32
         assert np.isfinite(x).all()
     x = preprocess(frames[0])
     # gap rows 195-211 of 1043 map to model rows ~24-26: flagged there, valid elsewhere
@@ -158,6 +158,13 @@ def test_binner_groups_opens_flags_and_round_trips(tmp_path):
     (tmp_path / "bad.json").write_text("{")
     with pytest.raises(ValueError, match="bad.json cannot be read"):
         OnlineBinner.load(tmp_path / "bad.json")
+
+
+def test_empty_binner_state_round_trips():
+    empty = OnlineBinner(spread=0.5, recon_threshold=2.0, model_sha256="abc")
+    copy = OnlineBinner.from_state(empty.state_dict())
+    assert copy.n_bins == 0 and copy.spread == 0.5 and copy.model_sha256 == "abc"
+    assert copy.assign(np.zeros((2, 3)), np.zeros(2)).bin_id.tolist() == [0, 0]
 
 
 def test_binner_nan_latent_is_outlier_not_a_crash():

@@ -1,0 +1,159 @@
+"""Benchmark DAEBinningCallback on Pilatus 1M frames (1043 x 981) through a real RunEngine.
+
+Prints:
+
+* pipeline-only throughput (frames/s: encode + bin, frames already in memory);
+* end-to-end throughput: frames / (scan start -> last derived row in Tiled), with frames read
+  live from the detector's HDF5 file by the callback's worker;
+* scan wall time with TiledWriter only vs TiledWriter + callback, and the overhead %.
+
+Frames are simulated once with ``default_scene`` and cached as .npy (``--cache``), so the
+simulated detector only copies frames; simulation time does not count.
+
+    python benchmarks/bench_callback.py --frames 64 [--device cpu] [--untrained]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from gisaxs_bluesky.sim.detector import PILATUS_SHAPE
+
+
+def cached_frames(cache: Path, n_distinct: int, seed: int) -> np.ndarray:
+    """(n_distinct, 1043, 981) int32 frames along 0-40 mm, simulated once then read from cache."""
+    path = cache / f"pilatus-scene-{seed}-{n_distinct}.npy"
+    if path.exists():
+        return np.load(path, mmap_mode="r")
+    from gisaxs_bluesky.sim.scene import default_scene
+
+    scene = default_scene(seed=seed)
+    xs = np.linspace(0.5, 39.5, n_distinct)
+    t = time.perf_counter()
+    frames = np.stack([scene({"sample_x": float(x)}) for x in xs]).astype(np.int32)
+    print(f"simulated {n_distinct} frames in {time.perf_counter() - t:.1f} s -> {path}")
+    cache.mkdir(parents=True, exist_ok=True)
+    np.save(path, frames)
+    return frames
+
+
+def make_encoder(device: str, untrained: bool):
+    from gisaxs_bluesky.models import CheckpointError, Encoder, GisaxsDAE, load_pretrained
+
+    if not untrained:
+        try:
+            return load_pretrained(device)
+        except CheckpointError as exc:
+            print(f"{exc}\n-> using random weights (same compute cost)")
+    import torch
+
+    torch.manual_seed(0)
+    return Encoder(GisaxsDAE(), {"name": "untrained", "version": "0"}, device)
+
+
+def scan_once(client, workdir: Path, frames: np.ndarray, n: int, callback=None, lock=None):
+    """One list_scan of n points; returns (uid, scan wall s, results-ready s)."""
+    import bluesky.plans as bp
+    from bluesky import RunEngine
+    from bluesky_tiled_plugins import TiledWriter
+
+    from gisaxs_bluesky.callbacks import serialized
+    from gisaxs_bluesky.sim.detector import make_gisaxs_detector, make_motors
+
+    (sx,) = make_motors("sample_x")
+    k = len(frames)
+
+    def frame_fn(pos):
+        i = int(round(pos["sample_x"])) % k
+        return np.asarray(frames[i])
+
+    det = make_gisaxs_detector(workdir / "catalog" / "detector", frame_fn, [sx],
+                               shape=PILATUS_SHAPE, dtype=np.int32)
+    RE = RunEngine({})
+    RE.subscribe(serialized(TiledWriter(client, batch_size=1), lock))
+    if callback is not None:
+        RE.subscribe(callback)
+    t0 = time.perf_counter()
+    (uid,) = RE(bp.list_scan([det], sx, [float(i % k) for i in range(n)]))
+    scan_s = time.perf_counter() - t0
+    if callback is not None:
+        callback.wait()
+    ready_s = time.perf_counter() - t0
+    return uid, scan_s, ready_s
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--frames", type=int, default=64, help="frames per scan")
+    parser.add_argument("--distinct", type=int, default=16, help="distinct cached frames")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--untrained", action="store_true", help="random weights")
+    parser.add_argument("--repeats", type=int, default=2, help="scans per configuration")
+    parser.add_argument("--cache", type=Path,
+                        default=Path(tempfile.gettempdir()) / "gisaxs-bench-cache")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+
+    from gisaxs_bluesky.callbacks import DAEBinningCallback
+    from gisaxs_bluesky.demo import local_tiled_client
+    from gisaxs_bluesky.models import make_binner
+    from gisaxs_bluesky.pipeline import BinningPipeline
+    from gisaxs_bluesky.store import DerivedStore
+
+    frames = np.asarray(cached_frames(args.cache, args.distinct, seed=0))
+    encoder = make_encoder(args.device, args.untrained)
+    print(f"model {encoder.info()} on {encoder.device}; {args.frames} frames/scan "
+          f"of {PILATUS_SHAPE}, batch {args.batch_size}")
+
+    # pipeline only (no Bluesky, no Tiled)
+    pipe = BinningPipeline(encoder, make_binner(encoder), batch_size=args.batch_size)
+    pipe.process(frames[:2], [0, 1], [0.0, 0.0])  # warm up
+    t = time.perf_counter()
+    done = 0
+    while done < args.frames:
+        m = min(args.batch_size, args.frames - done)
+        batch = frames[np.arange(done, done + m) % len(frames)]
+        pipe.process(batch, np.arange(done, done + m), np.zeros(m))
+        done += m
+    pipe_s = time.perf_counter() - t
+    print(f"pipeline only (encode + bin): {args.frames / pipe_s:6.1f} frames/s")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        client = local_tiled_client(workdir / "catalog")
+        lock = threading.Lock()
+        scan_once(client, workdir, frames, 4, lock=lock)  # warm up Tiled + RunEngine
+        base, withcb, ready = [], [], []
+        for r in range(args.repeats):
+            _, s, _ = scan_once(client, workdir, frames, args.frames, lock=lock)
+            base.append(s)
+            cb = DAEBinningCallback(
+                client, encoder=encoder, binner=make_binner(encoder), write_lock=lock,
+                batch_size=args.batch_size, backup_dir=workdir / "backup",
+                spill_dir=workdir / "spill",
+            )
+            uid, s, rd = scan_once(client, workdir, frames, args.frames, cb, lock)
+            withcb.append(s)
+            ready.append(rd)
+            key = DerivedStore.node_key(uid, encoder.info())
+            n_rows = len(client["gisaxs_derived"][key]["frames"].read())
+            assert n_rows == args.frames, f"expected {args.frames} rows, found {n_rows}"
+            cb.close()
+        b, w, rd = float(np.median(base)), float(np.median(withcb)), float(np.median(ready))
+        print(f"scan wall, TiledWriter only:        {b:6.2f} s ({args.frames / b:6.1f} frames/s)")
+        print(f"scan wall, + DAEBinningCallback:    {w:6.2f} s  overhead {100 * (w - b) / b:+.1f} %")
+        print(f"end-to-end (scan start -> last row in Tiled): {rd:6.2f} s "
+              f"= {args.frames / rd:6.1f} frames/s "
+              f"(results lag the scan end by {rd - w:.2f} s)")
+
+
+if __name__ == "__main__":
+    main()
