@@ -166,24 +166,35 @@ class OnlineBinner:
 
     # -------------------------------------------------------------- calibration
     def calibrate(
-        self, identity_latent: np.ndarray, identity_label: np.ndarray, recon_error: np.ndarray
+        self,
+        identity_latent: np.ndarray,
+        identity_label: np.ndarray,
+        recon_error: np.ndarray,
+        *,
+        clean_latent: np.ndarray | None = None,
+        clean_recon_error: np.ndarray | None = None,
     ) -> OnlineBinner:
-        """Set spread and recon_threshold from frames with known identity labels."""
+        """Set spread from frames with known identity labels (under every kind of noise), and
+        the outlier thresholds from clean frames (photon noise only) when given, else from the
+        same frames: the quantiles then flag that fraction of clean simulated frames."""
         z = np.asarray(identity_latent, dtype=np.float64)
         labels = np.asarray(identity_label)
+        if clean_latent is not None and clean_recon_error is not None:
+            z_ref = np.asarray(clean_latent, dtype=np.float64)
+            err_ref = np.asarray(clean_recon_error, dtype=np.float64)
+        else:
+            z_ref, err_ref = z, np.asarray(recon_error, dtype=np.float64)
         distances = []
         for label in np.unique(labels):
             zi = z[labels == label]
             distances.append(np.sqrt(((zi - zi.mean(axis=0)) ** 2).sum(axis=1)))
         d = np.concatenate(distances)
         self.spread = float(max(np.quantile(d, self.config.spread_quantile), 1e-6))
-        self.recon_threshold = float(
-            max(np.quantile(np.asarray(recon_error), self.config.recon_quantile), 1e-6)
-        )
+        self.recon_threshold = float(max(np.quantile(err_ref, self.config.recon_quantile), 1e-6))
         # reference centres from one half of the frames, threshold from the other half
         rng = np.random.default_rng(0)
-        order = rng.permutation(len(z))
-        fit, held = z[order[: len(z) // 2]], z[order[len(z) // 2 :]]
+        order = rng.permutation(len(z_ref))
+        fit, held = z_ref[order[: len(z_ref) // 2]], z_ref[order[len(z_ref) // 2 :]]
         self.reference = _kmeans(fit, min(self.config.n_reference, len(fit)), rng)
         self.reference_threshold = float("inf")
         nearest = np.sqrt(((held[:, None] - self.reference[None]) ** 2).sum(-1).min(axis=1))

@@ -37,9 +37,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     top, rest = parser.parse_known_args(argv)
     logging.basicConfig(
-        level=logging.DEBUG if top.verbose else logging.INFO,
+        level=logging.DEBUG if top.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    logging.getLogger("gisaxs_bluesky").setLevel(logging.DEBUG if top.verbose else logging.INFO)
     if top.command is None:
         parser.print_help()
         return 2

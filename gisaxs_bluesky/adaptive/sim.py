@@ -8,7 +8,7 @@ import numpy as np
 
 from ..sim.noise import NoiseSpec
 from ..sim.sample import Sample
-from ..sim.scene import Region, SampleScene
+from ..sim.scene import DEFECT_SAMPLE, Region, SampleScene
 
 __all__ = ["defect_scene", "exposure_frame_fn"]
 
@@ -42,7 +42,7 @@ def defect_scene(
         Region(0.0, 20.0, Sample("cylinders_hexagonal", radius_nm=4.0, distance_nm=20.0,
                                  height_nm=6.0), "B"),
         Region(20.0, 40.0, Sample("spheres_dilute", radius_nm=7.0), "C"),
-        Region(lo, hi, Sample("spheres_dilute", radius_nm=22.0, polydispersity=0.3), "defect",
+        Region(lo, hi, DEFECT_SAMPLE, "defect",
                is_defect=True),
     ]
     return SampleScene(regions, noise=NoiseSpec(dose_counts, {"poisson": 1.0, "gaps": 1.0}),

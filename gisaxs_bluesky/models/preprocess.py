@@ -6,7 +6,7 @@ import numpy as np
 
 from ..config import PreprocessConfig
 
-__all__ = ["preprocess", "preprocess_batch", "block_edges", "target_from_expected"]
+__all__ = ["preprocess", "preprocess_batch", "block_edges", "frame_scale", "target_from_expected"]
 
 
 def block_edges(size: int, n_out: int) -> np.ndarray:
@@ -69,13 +69,36 @@ def preprocess(
     valid_frac = n_valid / counts
     good = valid_frac >= config.min_valid_fraction
     mean = np.where(good, total / np.maximum(n_valid, 1), 0)
-    scale = max(float(np.median(mean[good])) if good.any() else 1.0, 1e-3)
+    scale = _scale(mean, good)
     log_i = np.where(good, np.log1p(np.maximum(mean, 0) / scale), 0)
     log_max = np.where(good, np.log1p(np.maximum(block_max, 0) / scale) - log_i, 0)
     zero_frac = np.where(good, n_zero / np.maximum(n_valid, 1), 0)
     negative_frac = np.where(good, n_negative / np.maximum(n_valid, 1), 0)
     channels = [log_i, good * valid_frac, n_flagged / counts, log_max, zero_frac, negative_frac]
     return np.stack(channels).astype(np.float32)
+
+
+def _scale(mean: np.ndarray, good: np.ndarray) -> float:
+    return max(float(np.median(mean[good])) if good.any() else 1.0, 1e-3)
+
+
+def frame_scale(
+    frame: np.ndarray, mask: np.ndarray | None = None, config: PreprocessConfig | None = None
+) -> float:
+    """The dose normalisation preprocess() divides by: the median valid block mean."""
+    config = config or PreprocessConfig()
+    values = _check_frame(frame).astype(np.float32)
+    valid = np.isfinite(values) & (values != -1) & (values != -2)
+    if mask is not None:
+        valid &= ~np.asarray(mask, dtype=bool)
+    clean = np.where(valid & (values > 0), values, np.float32(0))
+    r_edges = block_edges(frame.shape[0], config.out_shape[0])
+    c_edges = block_edges(frame.shape[1], config.out_shape[1])
+    n_valid = _block_sum(valid.astype(np.float32), r_edges, c_edges)
+    counts = np.outer(np.diff(np.append(r_edges, frame.shape[0])),
+                      np.diff(np.append(c_edges, frame.shape[1])))
+    good = n_valid / counts >= config.min_valid_fraction
+    return _scale(np.where(good, _block_sum(clean, r_edges, c_edges) / np.maximum(n_valid, 1), 0), good)
 
 
 def target_from_expected(

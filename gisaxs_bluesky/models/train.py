@@ -155,10 +155,16 @@ def validation_metrics(model: GisaxsDAE, data: TrainingData, device: torch.devic
 
 
 def calibrate_binner(model: GisaxsDAE, data: TrainingData, device: torch.device,
-                     config: BinnerConfig | None = None) -> OnlineBinner:
-    """Spread and recon threshold from frames with known identity (a held-out set)."""
+                     config: BinnerConfig | None = None,
+                     clean: TrainingData | None = None) -> OnlineBinner:
+    """Spread from held-out frames of known identity; outlier thresholds from clean frames."""
     p = predict(model, data.inputs, device)
-    return OnlineBinner(config).calibrate(p["z_identity"], data.identity.numpy(), p["recon_error"])
+    kw = {}
+    if clean is not None:
+        c = predict(model, clean.inputs, device)
+        kw = {"clean_latent": c["z_identity"], "clean_recon_error": c["recon_error"]}
+    return OnlineBinner(config).calibrate(p["z_identity"], data.identity.numpy(), p["recon_error"],
+                                          **kw)
 
 
 def train(
@@ -166,6 +172,7 @@ def train(
     out: str | Path,
     *,
     val_path: str | Path | None = None,
+    calibration_path: str | Path | None = None,
     config: TrainConfig | None = None,
     model_config: ModelConfig | None = None,
     device: str = "auto",
@@ -243,12 +250,17 @@ def train(
         card = _card(model, data, val, cfg, name, version, history, epoch + 1)
         save_checkpoint(out, model, card, optimizer=optimizer,
                         extra={"scheduler": scheduler.state_dict()})
-    if val is not None and cfg.epochs > start_epoch:
-        binner = calibrate_binner(model, val, dev)
-        card["binner"] = {**binner.state_dict(), "calibrated_on": str(val.path)}
+    if not card:  # nothing left to train (resume of a finished run): recalibrate only
+        model, card, _ = load_checkpoint(out, map_location=dev)
+        card = {k: v for k, v in card.items() if k != "sha256"}
+    if val is not None:
+        clean = TrainingData(calibration_path) if calibration_path else None
+        binner = calibrate_binner(model.to(dev), val, dev, clean=clean)
+        card["binner"] = {**binner.state_dict(), "calibrated_on": [str(val.path)] + (
+            [str(clean.path)] if clean else [])}
         card = save_checkpoint(out, model, card, optimizer=optimizer,
                                extra={"scheduler": scheduler.state_dict()})
-    elif not card:
+    else:
         _, card, _ = load_checkpoint(out)
     return card
 
@@ -273,6 +285,8 @@ def _card(model, data, val, cfg, name, version, history, epochs_done) -> dict:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="binned HDF5 set from `gisaxs-bluesky simulate`")
     parser.add_argument("--val", help="held-out binned set (metrics each epoch, binner calibration)")
+    parser.add_argument("--calibration", help="clean binned set (photon noise only) for the outlier "
+                        "thresholds; default: --val")
     parser.add_argument("--out", required=True, help="checkpoint path (.pt); a .json card is written beside it")
     parser.add_argument("--epochs", type=int, default=TrainConfig.epochs)
     parser.add_argument("--batch-identities", type=int, default=TrainConfig.batch_identities)
@@ -280,6 +294,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     parser.add_argument("--resume", action="store_true", help="continue from --out if it exists")
+    parser.add_argument("--export", help="also write weights only (no optimizer state), e.g. "
+                        "gisaxs_bluesky/models/pretrained/gisaxs-dae-small.pt")
     parser.add_argument("--name", default="gisaxs-dae-small")
     parser.add_argument("--version", default=None)
 
@@ -287,8 +303,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     cfg = TrainConfig(epochs=args.epochs, batch_identities=args.batch_identities, lr=args.lr,
                       seed=args.seed)
-    card = train(args.data, args.out, val_path=args.val, config=cfg, device=args.device,
+    card = train(args.data, args.out, val_path=args.val, calibration_path=args.calibration,
+                 config=cfg, device=args.device,
                  resume=args.resume, name=args.name, version=args.version)
+    if args.export:
+        model, card, _ = load_checkpoint(args.out)
+        card = save_checkpoint(args.export, model, {k: v for k, v in card.items() if k != "sha256"})
+        print(f"exported weights to {args.export} ({Path(args.export).stat().st_size / 1e6:.1f} MB)")
     print(json.dumps({"checkpoint": str(args.out), "sha256": card.get("sha256"),
                       "metrics": card.get("metrics", {})}, indent=2))
     return 0

@@ -184,6 +184,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--full", action="store_true", help="store full detector frames")
     parser.add_argument("--dose", type=float, default=None, help="fixed dose (counts/pixel)")
+    parser.add_argument("--p-kind", type=float, default=DatasetSpec.p_kind,
+                        help="probability of each artefact kind (0: clean frames, photon noise only)")
     parser.add_argument("--workers", type=int, default=None)
 
 
@@ -194,6 +196,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         binned=not args.full,
         dose_counts=args.dose,
+        p_kind=args.p_kind,
     )
     out = generate(args.out, spec, workers=args.workers)
     print(f"wrote {spec.n_frames} frames to {out}")

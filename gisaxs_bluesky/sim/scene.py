@@ -12,7 +12,10 @@ from .noise import NoiseSpec
 from .sample import Sample
 from .simulate import simulate
 
-__all__ = ["Region", "SampleScene", "default_scene"]
+__all__ = ["DEFECT_SAMPLE", "Region", "SampleScene", "default_scene"]
+
+#: what a defect looks like in the demo scenes: particles that never grew (dense nuclei)
+DEFECT_SAMPLE = Sample("spheres_paracrystal", radius_nm=1.5, distance_nm=6.0)
 
 
 @dataclass(frozen=True)
@@ -83,9 +86,8 @@ def default_scene(seed: int = 0, dose_counts: float = 10.0) -> SampleScene:
                                   height_nm=6.0), "B"),
         Region(20.0, 30.0, Sample("spheres_dilute", radius_nm=7.0), "C"),
         Region(30.0, 40.0, Sample("lamellar", radius_nm=6.0, distance_nm=30.0, height_nm=8.0), "D"),
-        # aggregated particles far outside the model's training range (radius 3-8 nm)
-        Region(24.5, 26.0, Sample("spheres_dilute", radius_nm=22.0, polydispersity=0.3),
-               "defect", is_defect=True),
+        # failed growth: dense 1.5 nm nuclei, far below the model's training range (3-8 nm)
+        Region(24.5, 26.0, DEFECT_SAMPLE, "defect", is_defect=True),
     ]
     return SampleScene(regions, noise=NoiseSpec(dose_counts, {"poisson": 1.0, "gaps": 1.0}),
                        seed=seed)
