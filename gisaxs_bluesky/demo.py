@@ -140,10 +140,41 @@ def run(args: argparse.Namespace) -> int:
           if outliers else "  (none)")
     code = _query_code(uid, model_id, bins[0]["bin_id"] if bins else 0)
     print("\nfind them again with:\n" + code)
+    suggestions = _suggest(client, uid, ds, scene, workdir, lock)
     report = make_report(workdir, client, uid, ds, scene, bins, outliers, code, trained,
-                         identity_dim=encoder.identity_dim)
+                         identity_dim=encoder.identity_dim, suggestions=suggestions)
     print(f"\nreport: {report}  (total {time.perf_counter() - t0:.1f} s)")
     return 0
+
+
+def _suggest(client: Any, uid: str, ds: Any, scene: Any, workdir: Path,
+             lock: threading.Lock) -> list[dict]:
+    """Where to measure next (from outliers and bin changes): printed, stored in Tiled, plotted."""
+    from .adaptive import (
+        ScanResults,
+        SuggestConfig,
+        SuggestionWriter,
+        plot_suggestions,
+        suggest_points,
+    )
+
+    results = ScanResults.from_dataset(ds, motors=[scene.motor])
+    suggestions = suggest_points(
+        results, SuggestConfig(limits={scene.motor: scene.extent_mm}), max_points=12
+    )
+    with lock:
+        writer = SuggestionWriter(client, uid, [scene.motor])
+        writer.append(0, suggestions)
+        writer.finish("complete")
+    regions = [(r.x_min_mm, r.x_max_mm, r.name) for r in scene.regions if r.is_defect]
+    plot_suggestions(results, suggestions, motor=scene.motor, path=workdir / "suggestions.png",
+                     regions=regions, title="suggested next points")
+    rows = [{"sample_x": round(float(sg.position[scene.motor]), 3), "reason": sg.reason,
+             "priority": round(float(sg.priority), 2),
+             "from_seq_nums": ",".join(map(str, sg.source_seq_nums))} for sg in suggestions]
+    print(f"\nsuggested next points ({len(rows)}, stored in Tiled beside the derived data):")
+    print(_format(rows, ["sample_x", "reason", "priority", "from_seq_nums"]) if rows else "  (none)")
+    return rows
 
 
 # ---------------------------------------------------------------------------- tables
@@ -211,6 +242,7 @@ def _show(ax: Any, frame: np.ndarray, title: str) -> None:
 def make_report(
     workdir: Path, client: Any, uid: str, ds: Any, scene: Any, bins: list[dict],
     outliers: list[dict], code: str, trained: bool, *, identity_dim: int = 16,
+    suggestions: list[dict] | None = None,
 ) -> Path:
     """Write latent_map.png, bin_gallery.png, outliers.png, bins_vs_x.png and report.html."""
     import matplotlib
@@ -281,6 +313,8 @@ def make_report(
         fig.savefig(workdir / "outliers.png", dpi=80)
         plt.close(fig)
         pngs.append("outliers.png")
+    if (workdir / "suggestions.png").is_file():
+        pngs.append("suggestions.png")
 
     def table(rows: list[dict]) -> str:
         if not rows:
@@ -298,6 +332,7 @@ def make_report(
 status <b>{html.escape(str(ds.attrs['status']))}</b>, {len(seq)} frames,
 {int(out.sum())} outliers, errors: {html.escape(str(ds.attrs.get('errors')))}</p>
 <h2>Bins</h2>{table(bins)}<h2>Outliers</h2>{table(outliers)}
+<h2>Suggested next points</h2>{table(suggestions or [])}
 <h2>Query</h2><pre>{html.escape(code)}</pre>
 {''.join(f'<h2>{p[:-4]}</h2><img src="{p}">' for p in pngs)}
 </body></html>"""

@@ -866,18 +866,6 @@ def _worker_replay(
     target_uri: str | None = None,
 ) -> dict[str, Any]:
     """Dask task: own Tiled client and model per worker process; returns a summary dict."""
-    import dask
-
-    # Tiled's array client may build dask graphs; inside a worker they must not be sent
-    # back to the cluster (the task would wait on its own worker's slots)
-    with dask.config.set(scheduler="synchronous"):
-        return _worker_replay_sync(uri, api_key, uid, options, target_uri)
-
-
-def _worker_replay_sync(
-    uri: str, api_key: str | None, uid: str, options: ReplayOptions,
-    target_uri: str | None = None,
-) -> dict[str, Any]:
     try:
         catalog = connect(uri, api_key)
         target = connect(target_uri, api_key) if target_uri else catalog

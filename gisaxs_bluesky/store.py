@@ -87,6 +87,9 @@ def is_server_fault(exc: BaseException) -> bool:
     """True for faults of the server/connection (transport errors, HTTP 5xx), not of the request."""
     if isinstance(exc, httpx.HTTPStatusError):
         return exc.response.status_code >= 500
+    if "database is locked" in str(exc):
+        # SQLite storage busy with another writer; an in-process app raises it unwrapped
+        return True
     return isinstance(exc, (httpx.TransportError, ConnectionError, TimeoutError))
 
 

@@ -42,7 +42,7 @@ def test_profile_starts_and_wires_the_session(tmp_path):
                XDG_CACHE_HOME=str(tmp_path / "cache"), IPYTHONDIR=str(tmp_path / "ipython"))
     env.pop("GISAXS_TILED_URI", None)
     proc = subprocess.run(
-        [str(Path(sys.executable).parent / "ipython"), "--no-banner", "--colors=nocolor",
+        [str(Path(sys.executable).parent / "ipython"), "--no-banner", "--colors=nocolor", "--HistoryManager.enabled=False",
          f"--profile-dir={PROFILE}", "-c", CHECK],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240,
     )

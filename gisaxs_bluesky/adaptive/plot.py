@@ -66,6 +66,9 @@ def plot_suggestions(
     # measured order (seq_num) below, suggestions marked by reason
     ax2.scatter(x, results.seq_num, s=10, color="0.3")
     rows = _suggestion_rows(suggestions, motor)
+    # suggestions not measured yet sit on a line just above the last measured frame
+    pending = float(np.nanmax(results.seq_num)) + 3 if len(results.seq_num) else 1.0
+    rows = [(p, r, pending if np.isnan(q) else q) for p, r, q in rows]
     for reason, (color, marker) in _REASON_STYLE.items():
         pts = [(p, q) for p, r, q in rows if r == reason]
         if pts:
