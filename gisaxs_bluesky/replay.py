@@ -908,8 +908,11 @@ def replay_distributed(
 
     options = options or ReplayOptions()
     cluster = None
+    # set_as_default=False: otherwise every dask computation in this process (a Tiled server
+    # in the same process computes its arrays with dask) goes to the cluster whose workers are
+    # waiting on that very server, and the reads time out
     if scheduler:
-        client = Client(scheduler)
+        client = Client(scheduler, set_as_default=False)
     else:
         env = {"PYTHONPATH": os.pathsep.join(
             [str(Path(__file__).resolve().parent.parent),
@@ -917,7 +920,7 @@ def replay_distributed(
         cluster = LocalCluster(n_workers=n_workers, threads_per_worker=threads_per_worker,
                                processes=True, dashboard_address=None,
                                env=env)
-        client = Client(cluster)
+        client = Client(cluster, set_as_default=False)
     try:
         futures = {
             client.submit(_worker_replay, uri, api_key, uid, options, target_uri, pure=False,
@@ -927,7 +930,7 @@ def replay_distributed(
         results: dict[int, RunSummary] = {}
         with tqdm(total=len(futures), unit="run", desc="replay",
                   disable=not show_progress, leave=False) as bar:
-            for fut in as_completed(futures):
+            for fut in as_completed(futures, loop=client.loop):
                 i = futures[fut]
                 try:
                     d = fut.result()

@@ -52,11 +52,12 @@ class GisaxsDAE(nn.Module):
         self.block4 = _down(4 * c, 4 * c)  # 8
         self.flat_dim = 4 * c * 8 * 8
         self.to_identity = nn.Sequential(
-            nn.Flatten(), nn.Linear(self.flat_dim, 128), nn.SiLU(), nn.Linear(128, config.identity_dim)
+            nn.Flatten(), nn.Linear(self.flat_dim, 128), nn.SiLU(),
+            nn.Linear(128, config.identity_dim),
         )
-        pooled = 2 * (c + 2 * c + 4 * c) + config.in_channels * 2
+        pooled = 3 * (c + 2 * c + 4 * c) + config.in_channels * 3
         self.to_noise = nn.Sequential(
-            nn.Linear(pooled + self.flat_dim // 16, 64), nn.SiLU(), nn.Linear(64, config.noise_dim)
+            nn.Linear(pooled + self.flat_dim, 64), nn.SiLU(), nn.Linear(64, config.noise_dim)
         )
         self.noise_head = nn.Linear(config.noise_dim, config.n_noise_kinds)
         self.structure_head = nn.Sequential(
@@ -80,11 +81,12 @@ class GisaxsDAE(nn.Module):
         f3 = self.block3(f2)
         f4 = self.block4(f3)
         z_id = self.to_identity(f4)
-        pooled = [x.amax(dim=(2, 3)), x.mean(dim=(2, 3))]
-        for f in (f1, f2, f3):
-            pooled += [f.amax(dim=(2, 3)), f.mean(dim=(2, 3))]
-        coarse = nn.functional.avg_pool2d(f4, 4).flatten(1)
-        z_noise = self.to_noise(torch.cat(pooled + [coarse], dim=1))
+        # max / min / mean pooling keeps single-pixel artefacts and dark shadows; the 8 x 8 map
+        # keeps where they are (a beamstop shadow off its place, a streak through the beam)
+        pooled = []
+        for f in (x, f1, f2, f3):
+            pooled += [f.amax(dim=(2, 3)), f.amin(dim=(2, 3)), f.mean(dim=(2, 3))]
+        z_noise = self.to_noise(torch.cat(pooled + [f4.flatten(1)], dim=1))
         return z_id, z_noise
 
     def decode(self, z_id: torch.Tensor) -> torch.Tensor:

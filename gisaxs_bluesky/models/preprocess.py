@@ -38,8 +38,8 @@ def preprocess(
     valid pixels per block; the fraction the detector itself flagged (Pilatus -1 gap and -2 bad
     pixels, non-finite values); the block maximum over the mean on the same log scale (single
     hot pixels, zingers, overflow vanish in a mean but not in a max); the fraction of valid
-    pixels reading exactly 0 (dead); the fraction reading below 0 (readout noise around a
-    subtracted offset: a counting detector never reports it). Negative values that are not
+    pixels reading exactly 0 beyond Poisson's exp(-mean) (dead); the fraction reading below 0
+    (readout noise around a subtracted offset: a counting detector never reports it). Negative values that are not
     flags count as data, clipped at 0 in the mean.
     """
     config = config or PreprocessConfig()
@@ -72,7 +72,9 @@ def preprocess(
     scale = _scale(mean, good)
     log_i = np.where(good, np.log1p(np.maximum(mean, 0) / scale), 0)
     log_max = np.where(good, np.log1p(np.maximum(block_max, 0) / scale) - log_i, 0)
-    zero_frac = np.where(good, n_zero / np.maximum(n_valid, 1), 0)
+    # zeros beyond what photon counting explains: at block mean m a pixel reads 0 with
+    # probability ~exp(-m), so only dead pixels push the fraction above that
+    zero_frac = np.where(good, np.clip(n_zero / np.maximum(n_valid, 1) - np.exp(-mean), 0, 1), 0)
     negative_frac = np.where(good, n_negative / np.maximum(n_valid, 1), 0)
     channels = [log_i, good * valid_frac, n_flagged / counts, log_max, zero_frac, negative_frac]
     return np.stack(channels).astype(np.float32)

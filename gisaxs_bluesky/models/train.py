@@ -240,7 +240,7 @@ def train(
             scheduler.step()
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach())
-            bar.set_postfix(loss=f"{float(losses['total']):.3f}")
+            bar.set_postfix(loss=f"{float(losses['total'].detach()):.3f}")
         epoch_losses = {k: v / steps_per_epoch for k, v in sums.items()}
         entry = {"epoch": epoch + 1, "loss": epoch_losses, "elapsed_s": round(time.time() - t0, 1)}
         if val is not None:

@@ -29,7 +29,7 @@ def auroc(score: np.ndarray, truth: np.ndarray) -> float:
 def tiny_sets(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
     kw = dict(frames_per_identity=2, compute_binning=12, p_kind=0.5)
-    train_path = generate(root / "train.h5", DatasetSpec(n_identities=90, seed=1, **kw),
+    train_path = generate(root / "train.h5", DatasetSpec(n_identities=250, seed=1, **kw),
                           workers=2, progress=False)
     val_path = generate(root / "val.h5", DatasetSpec(n_identities=80, seed=2, **kw),
                         workers=2, progress=False)
@@ -40,12 +40,12 @@ def test_tiny_model_beats_chance_on_noise_kinds_and_resumes(tiny_sets, tmp_path)
     train_path, val_path = tiny_sets
     out = tmp_path / "tiny.pt"
     # the noise head is what this test is about: reconstruction weighted down
-    cfg = TrainConfig(epochs=2, batch_identities=5, lr=3e-3, seed=0, w_recon=0.3)
+    cfg = TrainConfig(epochs=2, batch_identities=10, lr=1e-3, seed=0, w_recon=0.3)
     train(train_path, out, config=cfg, device="cpu", progress=False)
     card_2 = json.loads(out.with_suffix(".json").read_text())
     assert card_2["epochs_done"] == 2 and len(card_2["history"]) == 2
     # resume to 12 epochs: continues from epoch 2, keeps the history
-    cfg = TrainConfig(epochs=12, batch_identities=5, lr=3e-3, seed=0, w_recon=0.3)
+    cfg = TrainConfig(epochs=12, batch_identities=10, lr=1e-3, seed=0, w_recon=0.3)
     card = train(train_path, out, val_path=val_path, config=cfg, device="cpu", resume=True,
                  progress=False)
     assert card["epochs_done"] == 12 and [h["epoch"] for h in card["history"]] == list(range(1, 13))
