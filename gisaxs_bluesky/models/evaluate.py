@@ -182,9 +182,17 @@ def read_frame(path: str | Path) -> np.ndarray:
     raise ValueError(f"{path}: unknown frame format (use .tif, .tif.gz, .npy, .h5)")
 
 
-def evaluate_real(encoder: Encoder, paths: list[Path], reference_errors: np.ndarray | None = None) -> list[dict]:
-    """What the model sees on measured frames: noise kinds, identity guess, recon-error rank."""
+def evaluate_real(encoder: Encoder, paths: list[Path], reference_errors: np.ndarray | None = None,
+                  masks: list[Path] = ()) -> list[dict]:
+    """What the model sees on measured frames: noise kinds, identity guess, recon-error rank.
+
+    ``masks`` are detector masks (non-zero = not data), applied to frames of their shape.
+    """
     reports = []
+    mask_by_shape = {}
+    for path in masks:
+        mask = read_frame(path) != 0
+        mask_by_shape[mask.shape] = (mask, Path(path).name)
     if reference_errors is None:
         spec = DatasetSpec(n_identities=20, frames_per_identity=2, seed=20_000)
         ref = _simulate_frames(spec)
@@ -194,7 +202,8 @@ def evaluate_real(encoder: Encoder, paths: list[Path], reference_errors: np.ndar
             frame = read_frame(path)
             if frame.ndim != 2:
                 raise ValueError(f"{path} holds shape {frame.shape}, not a 2-D frame")
-            r = encoder.encode(frame)
+            mask, mask_name = mask_by_shape.get(frame.shape, (None, None))
+            r = encoder.encode(frame, mask)
         except ValueError as exc:
             reports.append({"file": str(path), "error": str(exc)})
             continue
@@ -204,6 +213,7 @@ def evaluate_real(encoder: Encoder, paths: list[Path], reference_errors: np.ndar
             "shape": list(frame.shape),
             "dtype": str(frame.dtype),
             "flagged_pixels": int((frame < 0).sum()),
+            "mask": mask_name,
             "noise_kinds_detected": r.noise_detected()[0],
             "noise_prob": {k: round(float(p), 3) for k, p in zip(r.noise_kinds, r.noise_prob[0], strict=True)},
             "structure": str(r.structure[0]),
@@ -235,7 +245,10 @@ def run(args: argparse.Namespace) -> int:
                                 if q.name.lower().endswith((".tif", ".tif.gz", ".tiff", ".npy", ".h5")))
             else:
                 paths.append(p)
-        result["real"] = evaluate_real(encoder, paths)
+        # files named *mask* are detector masks, not frames
+        masks = [p for p in paths if "mask" in p.name.lower()]
+        frames = [p for p in paths if p not in masks]
+        result["real"] = evaluate_real(encoder, frames, masks=masks)
     else:
         result["simulated"] = evaluate_simulated(encoder, n_identities=args.identities, seed=args.seed)
     print(json.dumps(result, indent=2))
