@@ -257,6 +257,12 @@ def make_report(
     out = ds["is_outlier"].values
     pngs: list[str] = []
 
+    def save(fig: Any, name: str, dpi: int = 100) -> None:
+        fig.tight_layout()
+        fig.savefig(workdir / name, dpi=dpi)
+        plt.close(fig)
+        pngs.append(name)
+
     ok = np.isfinite(latent).all(axis=1)
     z = latent[ok] - latent[ok].mean(axis=0)
     _, _, vt = np.linalg.svd(z, full_matrices=False)
@@ -270,10 +276,7 @@ def make_report(
     ax.set_ylabel("PC 2")
     ax.set_title("identity latent (PCA), coloured by bin")
     ax.legend(loc="best", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(workdir / "latent_map.png", dpi=100)
-    plt.close(fig)
-    pngs.append("latent_map.png")
+    save(fig, "latent_map.png")
 
     fig, ax = plt.subplots(figsize=(7, 3))
     ax.scatter(x, bin_id, c=bin_id, cmap="tab10", s=25)
@@ -286,10 +289,7 @@ def make_report(
     ax.set_xlabel("sample_x (mm)")
     ax.set_ylabel("bin id")
     ax.legend(loc="best", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(workdir / "bins_vs_x.png", dpi=100)
-    plt.close(fig)
-    pngs.append("bins_vs_x.png")
+    save(fig, "bins_vs_x.png")
 
     shown = [b for b in bins if b["bin_id"] >= 0][:12]
     if shown:
@@ -298,10 +298,7 @@ def make_report(
             members = seq[bin_id == b["bin_id"]].tolist()[:8]
             mean = _raw_frames(client, uid, members).mean(axis=0)
             _show(ax, mean, f"bin {b['bin_id']} (n={b['count']})\n{b['structure']}")
-        fig.tight_layout()
-        fig.savefig(workdir / "bin_gallery.png", dpi=80)
-        plt.close(fig)
-        pngs.append("bin_gallery.png")
+        save(fig, "bin_gallery.png", dpi=80)
     if outliers:
         shown_o = outliers[:6]
         fig, axes = plt.subplots(1, len(shown_o), figsize=(2.2 * len(shown_o), 2.6),
@@ -309,10 +306,7 @@ def make_report(
         frames = _raw_frames(client, uid, [o["seq_num"] for o in shown_o])
         for ax, o, f in zip(axes[0], shown_o, frames, strict=True):
             _show(ax, f, f"seq {o['seq_num']} x={o['sample_x']:.1f}\nscore {o['outlier_score']:.2f}")
-        fig.tight_layout()
-        fig.savefig(workdir / "outliers.png", dpi=80)
-        plt.close(fig)
-        pngs.append("outliers.png")
+        save(fig, "outliers.png", dpi=80)
     if (workdir / "suggestions.png").is_file():
         pngs.append("suggestions.png")
 
