@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # into the venv first (see README), and this pin is then already satisfied or skipped.
 TORCH ?= torch==2.13.0
 
-.PHONY: venv demo test test-all bench lint clean
+.PHONY: venv demo test test-all bench clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,8 @@ bench: venv
 	$(PY) benchmarks/bench_sim.py
 	$(PY) benchmarks/bench_encode.py
 	$(PY) benchmarks/bench_callback.py
+	$(PY) benchmarks/bench_replay.py
+	$(PY) benchmarks/bench_adaptive.py --seeds 5
 
 clean:
 	rm -rf $(VENV) demo_output .pytest_cache
