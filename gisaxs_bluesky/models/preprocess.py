@@ -6,7 +6,7 @@ import numpy as np
 
 from ..config import PreprocessConfig
 
-__all__ = ["preprocess", "preprocess_batch", "block_edges", "frame_scale", "target_from_expected"]
+__all__ = ["preprocess", "preprocess_batch", "block_edges", "frame_scale"]
 
 
 def block_edges(size: int, n_out: int) -> np.ndarray:
@@ -101,13 +101,6 @@ def frame_scale(
                       np.diff(np.append(c_edges, frame.shape[1])))
     good = n_valid / counts >= config.min_valid_fraction
     return _scale(np.where(good, _block_sum(clean, r_edges, c_edges) / np.maximum(n_valid, 1), 0), good)
-
-
-def target_from_expected(
-    expected: np.ndarray, mask: np.ndarray, config: PreprocessConfig | None = None
-) -> np.ndarray:
-    """The clean (h, w) target the DAE learns: expected intensity through the same transform."""
-    return preprocess(expected, mask, config)[0]
 
 
 def preprocess_batch(

@@ -10,8 +10,12 @@ from .sample import Sample
 
 __all__ = [
     "fresnel_r",
+    "sphere_amplitude",
+    "cylinder_amplitude",
+    "stripe_amplitude",
     "sphere_ff",
     "cylinder_ff",
+    "stripe_ff",
     "paracrystal_sf",
     "hexagonal_sf",
     "hexagonal_peak_positions",
@@ -33,24 +37,38 @@ def _sinc(x: np.ndarray) -> np.ndarray:
     return np.sinc(x / np.pi)
 
 
+def sphere_amplitude(q: np.ndarray, radius: float) -> np.ndarray:
+    """Real sphere form factor at |q| (first zero at qR = 4.493)."""
+    qr = np.maximum(q * radius, 1e-6)
+    # (sin x - x cos x) / x^3 -> 1/3 - x^2/30 near 0, where float32 would cancel
+    shape = np.where(qr < 0.05, 1 / 3 - qr**2 / 30, (np.sin(qr) - qr * np.cos(qr)) / qr**3)
+    return 4 * np.pi * radius**3 * shape
+
+
+def cylinder_amplitude(q_par: np.ndarray, qz: np.ndarray, radius: float, height: float):
+    """Real cylinder form factor (first zero at q_par R = 3.832), without its height phase."""
+    x = np.maximum(q_par * radius, 1e-9)
+    return np.pi * radius**2 * height * 2 * special.j1(x) / x * _sinc(qz * height / 2)
+
+
+def stripe_amplitude(qy: np.ndarray, qz: np.ndarray, width: float, height: float):
+    """Real form factor (per unit length) of a lamella of given width and height."""
+    return width * height * _sinc(qy * width / 2) * _sinc(qz * height / 2)
+
+
 def sphere_ff(q_par: np.ndarray, qz: np.ndarray, radius: float) -> np.ndarray:
     """Form factor of a sphere resting on the substrate (centre at height R)."""
-    q = np.sqrt(q_par**2 + qz**2)
-    qr = np.maximum(q * radius, 1e-9)
-    amp = 4 * np.pi * radius**3 * (np.sin(qr) - qr * np.cos(qr)) / qr**3
-    return amp * np.exp(1j * qz * radius)
+    return sphere_amplitude(np.sqrt(q_par**2 + qz**2), radius) * np.exp(1j * qz * radius)
 
 
 def cylinder_ff(q_par: np.ndarray, qz: np.ndarray, radius: float, height: float) -> np.ndarray:
     """Form factor of an upright cylinder standing on the substrate."""
-    x = np.maximum(q_par * radius, 1e-9)
-    radial = 2 * special.j1(x) / x
-    return np.pi * radius**2 * height * radial * _sinc(qz * height / 2) * np.exp(0.5j * qz * height)
+    return cylinder_amplitude(q_par, qz, radius, height) * np.exp(0.5j * qz * height)
 
 
 def stripe_ff(qy: np.ndarray, qz: np.ndarray, width: float, height: float) -> np.ndarray:
-    """Form factor (per unit length) of a rectangular lamella of given width and height."""
-    return width * height * _sinc(qy * width / 2) * _sinc(qz * height / 2) * np.exp(0.5j * qz * height)
+    """Form factor (per unit length) of a rectangular lamella standing on the substrate."""
+    return stripe_amplitude(qy, qz, width, height) * np.exp(0.5j * qz * height)
 
 
 def paracrystal_sf(q: np.ndarray, distance: float, disorder: float) -> np.ndarray:
@@ -107,14 +125,10 @@ def _radius_samples(sample: Sample) -> tuple[np.ndarray, np.ndarray]:
 def _real_amplitude(sample: Sample, q_par, qy, qz_abs, radius: float, height: float):
     """Form factor without its height phase, for |qz| (all form factors here are even in qz)."""
     if sample.is_sphere:
-        qr = np.maximum(np.sqrt(q_par**2 + qz_abs**2) * radius, 1e-6)
-        # (sin x - x cos x) / x^3 -> 1/3 - x^2/30 near 0, where float32 would cancel
-        shape = np.where(qr < 0.05, 1 / 3 - qr**2 / 30, (np.sin(qr) - qr * np.cos(qr)) / qr**3)
-        return 4 * np.pi * radius**3 * shape
+        return sphere_amplitude(np.sqrt(q_par**2 + qz_abs**2), radius)
     if sample.structure == "lamellar":
-        return radius * height * _sinc(qy * radius / 2) * _sinc(qz_abs * height / 2)
-    x = np.maximum(q_par * radius, 1e-9)
-    return np.pi * radius**2 * height * 2 * special.j1(x) / x * _sinc(qz_abs * height / 2)
+        return stripe_amplitude(qy, qz_abs, radius, height)
+    return cylinder_amplitude(q_par, qz_abs, radius, height)
 
 
 def scattered_intensity(geometry: Geometry, sample: Sample, rows: np.ndarray, cols: np.ndarray):

@@ -20,7 +20,7 @@ GALAXI_GEOMETRY = Geometry(distance_mm=1730.0, wavelength_nm=0.134, incidence_de
 #: Ag spheres R ~ 5.75 nm (log-normal 0.4) in a radial paracrystal D ~ 53.6 nm on Si;
 #: delta of Si at 0.134 nm (9.25 keV) is 5.75e-6, of Ag 2.4e-5
 GALAXI_SAMPLE = Sample("spheres_paracrystal", radius_nm=5.75, distance_nm=53.6,
-                       polydispersity=0.4 - 1e-9, disorder=0.3, delta_substrate=5.75e-6,
+                       polydispersity=0.4, disorder=0.3, delta_substrate=5.75e-6,
                        beta_substrate=1.0e-7, delta_particle=2.4e-5, beta_particle=1.8e-6)
 
 
