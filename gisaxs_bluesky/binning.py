@@ -173,6 +173,7 @@ class OnlineBinner:
         *,
         clean_latent: np.ndarray | None = None,
         clean_recon_error: np.ndarray | None = None,
+        clean_identity_label: np.ndarray | None = None,
     ) -> OnlineBinner:
         """Set spread from frames with known identity labels (under every kind of noise), and
         the outlier thresholds from clean frames (photon noise only) when given, else from the
@@ -182,8 +183,10 @@ class OnlineBinner:
         if clean_latent is not None and clean_recon_error is not None:
             z_ref = np.asarray(clean_latent, dtype=np.float64)
             err_ref = np.asarray(clean_recon_error, dtype=np.float64)
+            labels_ref = (np.arange(len(z_ref)) if clean_identity_label is None
+                          else np.asarray(clean_identity_label))
         else:
-            z_ref, err_ref = z, np.asarray(recon_error, dtype=np.float64)
+            z_ref, err_ref, labels_ref = z, np.asarray(recon_error, dtype=np.float64), labels
         distances = []
         for label in np.unique(labels):
             zi = z[labels == label]
@@ -191,10 +194,12 @@ class OnlineBinner:
         d = np.concatenate(distances)
         self.spread = float(max(np.quantile(d, self.config.spread_quantile), 1e-6))
         self.recon_threshold = float(max(np.quantile(err_ref, self.config.recon_quantile), 1e-6))
-        # reference centres from one half of the frames, threshold from the other half
+        # reference centres from half of the identities, the threshold from the other half:
+        # a scan brings samples the calibration never saw, and so must the held-out half
         rng = np.random.default_rng(0)
-        order = rng.permutation(len(z_ref))
-        fit, held = z_ref[order[: len(z_ref) // 2]], z_ref[order[len(z_ref) // 2 :]]
+        identities = rng.permutation(np.unique(labels_ref))
+        fit_ids = np.isin(labels_ref, identities[: len(identities) // 2])
+        fit, held = z_ref[fit_ids], z_ref[~fit_ids]
         self.reference = _kmeans(fit, min(self.config.n_reference, len(fit)), rng)
         self.reference_threshold = float("inf")
         nearest = np.sqrt(((held[:, None] - self.reference[None]) ** 2).sum(-1).min(axis=1))

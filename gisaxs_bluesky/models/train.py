@@ -37,7 +37,7 @@ LATTICE = torch.tensor([s not in ("spheres_dilute", "cylinders_dilute") for s in
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 12
+    epochs: int = 20
     batch_identities: int = 32  # each identity brings all its noisy frames to the batch
     lr: float = 2e-3
     weight_decay: float = 1e-4
@@ -162,7 +162,8 @@ def calibrate_binner(model: GisaxsDAE, data: TrainingData, device: torch.device,
     kw = {}
     if clean is not None:
         c = predict(model, clean.inputs, device)
-        kw = {"clean_latent": c["z_identity"], "clean_recon_error": c["recon_error"]}
+        kw = {"clean_latent": c["z_identity"], "clean_recon_error": c["recon_error"],
+              "clean_identity_label": clean.identity.numpy()}
     return OnlineBinner(config).calibrate(p["z_identity"], data.identity.numpy(), p["recon_error"],
                                           **kw)
 
