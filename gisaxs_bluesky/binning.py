@@ -138,8 +138,8 @@ class OnlineBinner:
                 f"identity_latent dimension {z.shape[1]} does not match the reference "
                 f"dimension {self.reference.shape[1]} (a different model?)"
             )
-        d2 = ((z[:, None, :] - self.reference[None]) ** 2).sum(-1)
-        return np.sqrt(np.nan_to_num(d2, nan=np.inf).min(axis=1)) / self.reference_threshold
+        d2 = np.nan_to_num(_sq_distances(z, self.reference), nan=np.inf)
+        return np.sqrt(d2.min(axis=1)) / self.reference_threshold
 
     def _nearest(self, z: np.ndarray) -> tuple[int, float]:
         if not self.n_bins:
@@ -201,8 +201,7 @@ class OnlineBinner:
         fit_ids = np.isin(labels_ref, identities[: len(identities) // 2])
         fit, held = z_ref[fit_ids], z_ref[~fit_ids]
         self.reference = _kmeans(fit, min(self.config.n_reference, len(fit)), rng)
-        self.reference_threshold = float("inf")
-        nearest = np.sqrt(((held[:, None] - self.reference[None]) ** 2).sum(-1).min(axis=1))
+        nearest = np.sqrt(_sq_distances(held, self.reference).min(axis=1))
         self.reference_threshold = float(
             max(np.quantile(nearest, self.config.reference_quantile), 1e-6)
         )
@@ -264,15 +263,20 @@ class OnlineBinner:
         return OnlineBinner.from_state(self.state_dict())
 
 
+def _sq_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(len(a), len(b)) squared Euclidean distances."""
+    return ((a[:, None, :] - b[None, :, :]) ** 2).sum(-1)
+
+
 def _kmeans(z: np.ndarray, k: int, rng: np.random.Generator, iterations: int = 25) -> np.ndarray:
     """Plain k-means (k-means++ start) for the reference centres."""
     centres = [z[rng.integers(len(z))]]
     for _ in range(1, k):
-        d2 = ((z[:, None] - np.array(centres)[None]) ** 2).sum(-1).min(axis=1)
+        d2 = _sq_distances(z, np.array(centres)).min(axis=1)
         centres.append(z[rng.choice(len(z), p=d2 / d2.sum()) if d2.sum() > 0 else rng.integers(len(z))])
     centres = np.array(centres)
     for _ in range(iterations):
-        labels = ((z[:, None] - centres[None]) ** 2).sum(-1).argmin(axis=1)
+        labels = _sq_distances(z, centres).argmin(axis=1)
         for j in range(k):
             members = z[labels == j]
             if len(members):

@@ -39,9 +39,13 @@ def preprocess(
     pixels, non-finite values); the block maximum over the mean on the same log scale (single
     hot pixels, zingers, overflow vanish in a mean but not in a max); the fraction of valid
     pixels reading exactly 0 beyond Poisson's exp(-mean) (dead); the fraction reading below 0
-    (readout noise around a subtracted offset: a counting detector never reports it). Negative values that are not
-    flags count as data, clipped at 0 in the mean.
+    (readout noise around a subtracted offset: a counting detector never reports it). Negative
+    values that are not flags count as data, clipped at 0 in the mean.
     """
+    return _preprocess(frame, mask, config)[0]
+
+
+def _preprocess(frame, mask, config) -> tuple[np.ndarray, float]:
     config = config or PreprocessConfig()
     frame = _check_frame(frame)
     h, w = config.out_shape
@@ -69,7 +73,7 @@ def preprocess(
     valid_frac = n_valid / counts
     good = valid_frac >= config.min_valid_fraction
     mean = np.where(good, total / np.maximum(n_valid, 1), 0)
-    scale = _scale(mean, good)
+    scale = max(float(np.median(mean[good])) if good.any() else 1.0, 1e-3)
     log_i = np.where(good, np.log1p(np.maximum(mean, 0) / scale), 0)
     log_max = np.where(good, np.log1p(np.maximum(block_max, 0) / scale) - log_i, 0)
     # zeros beyond what photon counting explains: at block mean m a pixel reads 0 with
@@ -77,30 +81,14 @@ def preprocess(
     zero_frac = np.where(good, np.clip(n_zero / np.maximum(n_valid, 1) - np.exp(-mean), 0, 1), 0)
     negative_frac = np.where(good, n_negative / np.maximum(n_valid, 1), 0)
     channels = [log_i, good * valid_frac, n_flagged / counts, log_max, zero_frac, negative_frac]
-    return np.stack(channels).astype(np.float32)
-
-
-def _scale(mean: np.ndarray, good: np.ndarray) -> float:
-    return max(float(np.median(mean[good])) if good.any() else 1.0, 1e-3)
+    return np.stack(channels).astype(np.float32), scale
 
 
 def frame_scale(
     frame: np.ndarray, mask: np.ndarray | None = None, config: PreprocessConfig | None = None
 ) -> float:
     """The dose normalisation preprocess() divides by: the median valid block mean."""
-    config = config or PreprocessConfig()
-    values = _check_frame(frame).astype(np.float32)
-    valid = np.isfinite(values) & (values != -1) & (values != -2)
-    if mask is not None:
-        valid &= ~np.asarray(mask, dtype=bool)
-    clean = np.where(valid & (values > 0), values, np.float32(0))
-    r_edges = block_edges(frame.shape[0], config.out_shape[0])
-    c_edges = block_edges(frame.shape[1], config.out_shape[1])
-    n_valid = _block_sum(valid.astype(np.float32), r_edges, c_edges)
-    counts = np.outer(np.diff(np.append(r_edges, frame.shape[0])),
-                      np.diff(np.append(c_edges, frame.shape[1])))
-    good = n_valid / counts >= config.min_valid_fraction
-    return _scale(np.where(good, _block_sum(clean, r_edges, c_edges) / np.maximum(n_valid, 1), 0), good)
+    return _preprocess(frame, mask, config)[1]
 
 
 def preprocess_batch(

@@ -25,7 +25,7 @@ from ..binning import OnlineBinner
 from ..config import BinnerConfig, ModelConfig, PreprocessConfig
 from ..sim.noise import NOISE_KINDS
 from ..sim.sample import STRUCTURES
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import file_sha256, load_checkpoint, save_checkpoint
 from .dae import GisaxsDAE
 from .inference import recon_error, resolve_device
 
@@ -262,7 +262,7 @@ def train(
         card = save_checkpoint(out, model, card, optimizer=optimizer,
                                extra={"scheduler": scheduler.state_dict()})
     else:
-        _, card, _ = load_checkpoint(out)
+        card["sha256"] = file_sha256(out)
     return card
 
 
