@@ -5,12 +5,18 @@ Prints:
 * pipeline-only throughput (frames/s: encode + bin, frames already in memory);
 * end-to-end throughput: frames / (scan start -> last derived row in Tiled), with frames read
   live from the detector's HDF5 file by the callback's worker;
-* scan wall time with TiledWriter only vs TiledWriter + callback, and the overhead %.
+* scan wall time with TiledWriter only vs TiledWriter + callback, and the overhead %;
+* the callback's capacity: the recorded documents of a finished scan fed to a fresh callback
+  as fast as it takes them (frame read from HDF5 -> encode -> bin -> rows in Tiled), which is
+  the frame rate it sustains when the scan itself is not the bottleneck.
 
 Frames are simulated once with ``default_scene`` and cached as .npy (``--cache``), so the
-simulated detector only copies frames; simulation time does not count.
+simulated detector only copies frames; simulation time does not count. ``--exposure`` gives
+the detector an integration time per frame (a real scan's pace; 0 = as fast as the RunEngine
+and TiledWriter go). ``--server`` runs Tiled as its own process on loopback (``tiled serve
+catalog``), as at a beamline, instead of in-process.
 
-    python benchmarks/bench_callback.py --frames 64 [--device cpu] [--untrained]
+    python benchmarks/bench_callback.py --frames 64 [--exposure 0.1] [--server] [--device cpu]
 """
 
 from __future__ import annotations
@@ -58,7 +64,47 @@ def make_encoder(device: str, untrained: bool):
     return Encoder(GisaxsDAE(), {"name": "untrained", "version": "0"}, device)
 
 
-def scan_once(client, workdir: Path, frames: np.ndarray, n: int, callback=None, lock=None):
+class TiledProcess:
+    """``tiled serve catalog`` (SQLite + files in ``directory``) on a free loopback port."""
+
+    def __init__(self, directory: Path) -> None:
+        import secrets
+        import socket
+        import subprocess
+        import sys
+
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "data").mkdir(exist_ok=True)
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.api_key = secrets.token_hex(8)
+        tiled = Path(sys.executable).with_name("tiled")
+        self.proc = subprocess.Popen(
+            [str(tiled), "serve", "catalog", "--init", str(directory / "catalog.db"),
+             "-w", str(directory / "data"), "-w", f"sqlite:///{directory / 'tables.sqlite'}",
+             "-r", str(directory), "--api-key", self.api_key, "--port", str(self.port)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def client(self, timeout: float = 60.0):
+        from tiled.client import from_uri
+
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return from_uri(f"http://127.0.0.1:{self.port}", api_key=self.api_key)
+            except Exception:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise
+                time.sleep(0.5)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+def scan_once(client, workdir: Path, frames: np.ndarray, n: int, callback=None, lock=None,
+              exposure_s: float = 0.0, record: list | None = None):
     """One list_scan of n points; returns (uid, scan wall s, results-ready s)."""
     import bluesky.plans as bp
     from bluesky import RunEngine
@@ -75,11 +121,13 @@ def scan_once(client, workdir: Path, frames: np.ndarray, n: int, callback=None, 
         return np.asarray(frames[i])
 
     det = make_gisaxs_detector(workdir / "catalog" / "detector", frame_fn, [sx],
-                               shape=PILATUS_SHAPE, dtype=np.int32)
+                               shape=PILATUS_SHAPE, dtype=np.int32, exposure_s=exposure_s)
     RE = RunEngine({})
     RE.subscribe(serialized(TiledWriter(client, batch_size=1), lock))
     if callback is not None:
         RE.subscribe(callback)
+    if record is not None:
+        RE.subscribe(lambda name, doc: record.append((name, doc)))
     t0 = time.perf_counter()
     (uid,) = RE(bp.list_scan([det], sx, [float(i % k) for i in range(n)]))
     scan_s = time.perf_counter() - t0
@@ -97,6 +145,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--untrained", action="store_true", help="random weights")
     parser.add_argument("--repeats", type=int, default=2, help="scans per configuration")
+    parser.add_argument("--exposure", type=float, default=0.0,
+                        help="detector integration time per frame, s (0: no wait)")
+    parser.add_argument("--server", action="store_true",
+                        help="Tiled as a separate process on loopback (default: in-process)")
     parser.add_argument("--cache", type=Path,
                         default=Path(tempfile.gettempdir()) / "gisaxs-bench-cache")
     args = parser.parse_args()
@@ -128,32 +180,57 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        client = local_tiled_client(workdir / "catalog")
+        server = TiledProcess(workdir / "catalog") if args.server else None
+        client = server.client() if server else local_tiled_client(workdir / "catalog")
+        print(f"Tiled {'server process on loopback' if server else 'in-process'}; detector "
+              f"exposure {args.exposure:g} s")
         lock = threading.Lock()
         scan_once(client, workdir, frames, 4, lock=lock)  # warm up Tiled + RunEngine
-        base, withcb, ready = [], [], []
-        for r in range(args.repeats):
-            _, s, _ = scan_once(client, workdir, frames, args.frames, lock=lock)
-            base.append(s)
-            cb = DAEBinningCallback(
+        base, withcb, ready, capacity = [], [], [], []
+
+        def callback():
+            return DAEBinningCallback(
                 client, encoder=encoder, binner=make_binner(encoder), write_lock=lock,
                 batch_size=args.batch_size, backup_dir=workdir / "backup",
                 spill_dir=workdir / "spill",
             )
-            uid, s, rd = scan_once(client, workdir, frames, args.frames, cb, lock)
+
+        for _ in range(args.repeats):
+            docs: list = []
+            _, s, _ = scan_once(client, workdir, frames, args.frames, lock=lock,
+                                exposure_s=args.exposure, record=docs)
+            base.append(s)
+            cb = callback()
+            uid, s, rd = scan_once(client, workdir, frames, args.frames, cb, lock,
+                                   exposure_s=args.exposure)
             withcb.append(s)
             ready.append(rd)
             key = DerivedStore.node_key(uid, encoder.info())
             n_rows = len(client["gisaxs_derived"][key]["frames"].read())
             assert n_rows == args.frames, f"expected {args.frames} rows, found {n_rows}"
             cb.close()
+            # capacity: the baseline scan's documents, replayed into a fresh callback at once
+            cb = callback()
+            t = time.perf_counter()
+            for name, doc in docs:
+                cb(name, doc)
+            cb.wait()
+            capacity.append(time.perf_counter() - t)
+            key = DerivedStore.node_key(docs[0][1]["uid"], encoder.info())
+            n_rows = len(client["gisaxs_derived"][key]["frames"].read())
+            assert n_rows == args.frames, f"expected {args.frames} rows, found {n_rows}"
+            cb.close()
         b, w, rd = float(np.median(base)), float(np.median(withcb)), float(np.median(ready))
+        cap = float(np.median(capacity))
         print(f"scan wall, TiledWriter only:        {b:6.2f} s ({args.frames / b:6.1f} frames/s)")
         print(f"scan wall, + DAEBinningCallback:    {w:6.2f} s  overhead {100 * (w - b) / b:+.1f} %")
         print(f"end-to-end (scan start -> last row in Tiled): {rd:6.2f} s "
               f"= {args.frames / rd:6.1f} frames/s "
               f"(results lag the scan end by {rd - w:.2f} s)")
-
+        print(f"callback capacity (HDF5 frame read -> rows in Tiled, recorded scan): "
+              f"{args.frames / cap:6.1f} frames/s")
+        if server:
+            server.stop()
 
 if __name__ == "__main__":
     main()

@@ -17,6 +17,7 @@ class PreprocessConfig:
     """
 
     out_shape: tuple[int, int] = (128, 128)
+    fine_shape: tuple[int, int] = (256, 256)  # resolution of the denoised frame
     min_valid_fraction: float = 0.25  # a block with fewer valid pixels counts as masked
 
     def to_dict(self) -> dict:
@@ -27,12 +28,13 @@ class PreprocessConfig:
 class ModelConfig:
     """Architecture of the denoising autoencoder (kept in every checkpoint card)."""
 
-    in_channels: int = 6  # log mean, valid, flagged, log max/mean, zero and negative fractions
+    in_channels: int = 8  # see gisaxs_bluesky.models.preprocess.CHANNELS
     base_channels: int = 16
     identity_dim: int = 16  # latent part that carries structure / radius / distance
     noise_dim: int = 8  # latent part that carries the noise kinds
     n_noise_kinds: int = 10
     n_structures: int = 5
+    refine_channels: int = 16  # the denoiser that refines the decoder's pattern at 256 x 256
 
     @property
     def latent_dim(self) -> int:

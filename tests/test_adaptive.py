@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 
 import numpy as np
 import pytest
@@ -165,17 +166,19 @@ def test_optimizer_round_trips_through_bluesky_adaptive_optimize(RE, detector_di
 def test_adaptive_scan_terminates_and_writes_suggestions_to_tiled(
     RE, tiled_client, detector_dir, encoder, tmp_path
 ):
-    from gisaxs_bluesky.callbacks.dae_binning import DAEBinningCallback
+    from gisaxs_bluesky.callbacks.dae_binning import DAEBinningCallback, serialized
     from gisaxs_bluesky.models import make_binner
 
     x, exposure = make_motors("sample_x", "exposure", exposure=1.0)
     scene = defect_scene(3)
     det = make_gisaxs_detector(detector_dir, exposure_frame_fn(scene), [x, exposure],
                                name="pilatus")
-    RE.subscribe(TiledWriter(tiled_client, batch_size=1))
+    # one SQLite table store: raw and derived writes take turns (as the demo does)
+    lock = threading.Lock()
+    RE.subscribe(serialized(TiledWriter(tiled_client, batch_size=1), lock))
     cb = DAEBinningCallback(tiled_client, encoder=encoder, binner=make_binner(encoder),
                             persist_binner=False, backup_dir=tmp_path / "backup",
-                            spill_dir=tmp_path / "spill", batch_timeout=0.05)
+                            spill_dir=tmp_path / "spill", batch_timeout=0.05, write_lock=lock)
     RE.subscribe(cb)
     cfg = SuggestConfig(LIMITS, min_step=0.1, noise_score_min=0.0, noise_prob_threshold=0.0,
                         max_exposure_factor=4.0)

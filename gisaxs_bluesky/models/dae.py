@@ -35,11 +35,13 @@ class DAEOutput(dict):
 
 
 class GisaxsDAE(nn.Module):
-    """Convolutional DAE for (6, 128, 128) inputs; reconstructs (64, 64) clean log intensity.
+    """Convolutional DAE for (8, 128, 128) inputs; reconstructs (64, 64) clean log intensity.
 
     The decoder sees only the identity part of the latent, so the clean pattern must be
     recoverable from identity alone; the noise classifier sees only the noise part, which is
     fed by pooled early features where single hot pixels and zingers are still visible.
+    The denoiser (:meth:`denoise`) refines the decoder's pattern with the measured frame at
+    256 x 256: the pattern says what the sample scatters, the frame where exactly it is.
     """
 
     def __init__(self, config: ModelConfig | None = None) -> None:
@@ -55,7 +57,7 @@ class GisaxsDAE(nn.Module):
             nn.Flatten(), nn.Linear(self.flat_dim, 128), nn.SiLU(),
             nn.Linear(128, config.identity_dim),
         )
-        pooled = 3 * (c + 2 * c + 4 * c) + config.in_channels * 3
+        pooled = 3 * (c + 2 * c + 4 * c) + config.in_channels * 4
         self.to_noise = nn.Sequential(
             nn.Linear(pooled + self.flat_dim, 64), nn.SiLU(), nn.Linear(64, config.noise_dim)
         )
@@ -74,8 +76,30 @@ class GisaxsDAE(nn.Module):
             nn.Conv2d(c, 1, 3, padding=1),
         )
 
+        r = config.refine_channels
+        self.refine = nn.Sequential(
+            nn.Conv2d(3, r, 3, padding=1), nn.SiLU(),
+            nn.Conv2d(r, r, 3, padding=2, dilation=2), nn.SiLU(),
+            nn.Conv2d(r, r, 3, padding=2, dilation=2), nn.SiLU(),
+            nn.Conv2d(r, 2, 3, padding=1),
+        )
+
+    def denoise(self, recon: torch.Tensor, fine: torch.Tensor) -> torch.Tensor:
+        """Clean log intensity at the fine resolution from the (N, 64, 64) decoder output and the
+        (N, 2, H, W) measured log intensity and valid fraction (H, W an integer multiple).
+
+        A learned, local blend of the two: prior + g (measured - prior) + correction, with the
+        gain g in (0, 1) high where the counts are trustworthy and low where photon noise rules.
+        """
+        factor = fine.shape[-1] // recon.shape[-1]
+        prior = nn.functional.interpolate(recon[:, None], scale_factor=factor, mode="nearest")
+        gain_logit, correction = self.refine(torch.cat([fine, prior], dim=1)).unbind(1)
+        measured = fine[:, 0]
+        prior = prior[:, 0]
+        return prior + torch.sigmoid(gain_logit) * (measured - prior) + correction
+
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(N, 6, 128, 128) -> (z_identity (N, Di), z_noise (N, Dn))."""
+        """(N, 8, 128, 128) -> (z_identity (N, Di), z_noise (N, Dn))."""
         f1 = self.stem(x)
         f2 = self.block2(f1)
         f3 = self.block3(f2)
@@ -86,6 +110,9 @@ class GisaxsDAE(nn.Module):
         pooled = []
         for f in (x, f1, f2, f3):
             pooled += [f.amax(dim=(2, 3)), f.amin(dim=(2, 3)), f.mean(dim=(2, 3))]
+        # frame totals on a log scale: a few dozen dead pixels or track pixels in a million
+        # are a mean of 1e-4 per block, too small to see, but a clear log-count
+        pooled.append(torch.log1p(x.clamp_min(0).sum(dim=(2, 3))))
         z_noise = self.to_noise(torch.cat(pooled + [f4.flatten(1)], dim=1))
         return z_id, z_noise
 

@@ -15,7 +15,7 @@ from ..sim.noise import NOISE_KINDS
 from ..sim.sample import STRUCTURES
 from .checkpoint import CheckpointError, load_checkpoint
 from .dae import GisaxsDAE
-from .preprocess import preprocess
+from .preprocess import _preprocess, preprocess, preprocess_fine
 
 __all__ = [
     "EncodeResult",
@@ -25,6 +25,7 @@ __all__ = [
     "pretrained_path",
     "resolve_device",
     "recon_error",
+    "to_detector_resolution",
 ]
 
 PRETRAINED_NAME = "gisaxs-dae-small"
@@ -57,6 +58,27 @@ def recon_error(recon: torch.Tensor, inputs: torch.Tensor, pool: int = 4) -> tor
     return torch.nanmedian(diff.flatten(1), dim=1).values.nan_to_num(0.0)
 
 
+def to_detector_resolution(image: np.ndarray, valid: np.ndarray, shape: tuple[int, int]
+                           ) -> np.ndarray:
+    """A (h, w) block image (e.g. ``EncodeResult.denoised[i]``) on the (H, W) detector pixels.
+
+    Bilinear between block centres, normalised by the interpolated ``valid`` (h, w) weights,
+    so masked blocks (gaps, beamstop) do not bleed into their neighbours; 0 where no valid
+    block is near.
+    """
+    from scipy import ndimage
+
+    h, w = image.shape
+    rows = (np.arange(shape[0], dtype=np.float32) + 0.5) * h / shape[0] - 0.5
+    cols = (np.arange(shape[1], dtype=np.float32) + 0.5) * w / shape[1] - 0.5
+    coords = np.meshgrid(rows, cols, indexing="ij")
+    weight = np.asarray(valid, dtype=np.float32)
+    num = ndimage.map_coordinates(np.asarray(image, np.float32) * weight, coords, order=1,
+                                  mode="nearest")
+    den = ndimage.map_coordinates(weight, coords, order=1, mode="nearest")
+    return np.where(den > 1e-3, num / np.maximum(den, 1e-3), 0).astype(np.float32)
+
+
 @dataclass
 class EncodeResult:
     """Per-frame results of :meth:`Encoder.encode` (N frames)."""
@@ -70,7 +92,8 @@ class EncodeResult:
     distance_nm: np.ndarray  # (N,) float32
     noise_kinds: tuple[str, ...] = NOISE_KINDS
     structures: tuple[str, ...] = STRUCTURES
-    denoised: np.ndarray | None = field(default=None, repr=False)  # (N, 64, 64) log intensity
+    #: (N, 256, 256) clean log1p(I / median) at the denoiser's resolution (return_denoised=True)
+    denoised: np.ndarray | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return len(self.latent)
@@ -131,12 +154,24 @@ class Encoder:
         return {"name": self.name, "version": self.version, "sha256": self.sha256}
 
     def preprocess(self, frames, mask: np.ndarray | None = None) -> np.ndarray:
-        """(N, H, W) frames (any numeric dtype) -> (N, 6, h, w) float32, two threads."""
+        """(N, H, W) frames (any numeric dtype) -> (N, 8, h, w) float32, two threads."""
         frames = _as_frames(frames)
         cfg = self.preprocess_config
         if len(frames) == 1:
             return preprocess(frames[0], mask, cfg)[None]
         return np.stack(list(self._pool.map(lambda f: preprocess(f, mask, cfg), frames)))
+
+    def preprocess_with_fine(self, frames, mask: np.ndarray | None = None
+                             ) -> tuple[np.ndarray, np.ndarray]:
+        """Model input and the denoiser's (N, 2, 256, 256) input of the same frames."""
+        cfg = self.preprocess_config
+
+        def one(frame):
+            x, scale = _preprocess(frame, mask, cfg)
+            return x, preprocess_fine(frame, scale, mask, cfg.fine_shape)
+
+        pairs = list(self._pool.map(one, _as_frames(frames)))
+        return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
 
     def encode(
         self,
@@ -150,8 +185,12 @@ class Encoder:
         frames = _as_frames(frames)
         parts: list[dict[str, np.ndarray]] = []
         for start in range(0, len(frames), batch_size):
-            x = self.preprocess(frames[start : start + batch_size], mask)
-            parts.append(self.encode_preprocessed(x, return_denoised=return_denoised))
+            chunk = frames[start : start + batch_size]
+            if return_denoised:
+                x, fine = self.preprocess_with_fine(chunk, mask)
+                parts.append(self.encode_preprocessed(x, fine=fine, return_denoised=True))
+            else:
+                parts.append(self.encode_preprocessed(self.preprocess(chunk, mask)))
         merged = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
         return EncodeResult(
             identity_dim=self.identity_dim,
@@ -162,8 +201,13 @@ class Encoder:
         )
 
     @torch.inference_mode()
-    def encode_preprocessed(self, x: np.ndarray, *, return_denoised: bool = False) -> dict:
-        """Model pass on preprocessed (n, 6, h, w) input; returns a dict of numpy arrays."""
+    def encode_preprocessed(self, x: np.ndarray, *, fine: np.ndarray | None = None,
+                            return_denoised: bool = False) -> dict:
+        """Model pass on preprocessed (n, 8, h, w) input; returns a dict of numpy arrays.
+
+        ``denoised`` (with return_denoised) is the denoiser's output when ``fine`` (the
+        :meth:`preprocess_with_fine` input) is given, else the decoder's (n, 64, 64) pattern.
+        """
         t = torch.from_numpy(np.ascontiguousarray(x)).to(self.device, non_blocking=True)
         use_amp = self.device.type == "cuda"
         with torch.autocast(self.device.type, enabled=use_amp, dtype=torch.float16):
@@ -178,7 +222,12 @@ class Encoder:
             "distance_nm": torch.exp(out["log_distance"].float()),
         }
         if return_denoised:
-            result["denoised"] = out["recon"].float()
+            if fine is not None:
+                f = torch.from_numpy(np.ascontiguousarray(fine, dtype=np.float32)).to(self.device)
+                with torch.autocast(self.device.type, enabled=use_amp, dtype=torch.float16):
+                    result["denoised"] = self.model.denoise(out["recon"], f).float()
+            else:
+                result["denoised"] = out["recon"].float()
         return {k: v.cpu().numpy().astype(np.float32) for k, v in result.items()}
 
 

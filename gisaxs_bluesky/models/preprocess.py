@@ -1,12 +1,33 @@
-"""Detector frame -> model input: masks, masked block means, dose normalisation, log."""
+"""Detector frame -> model input: masks, masked block means, dose normalisation, log.
+
+One compiled pass over the detector pixels (numba, GIL released, so two frames preprocess in
+parallel) gathers every per-block statistic the model needs; a second pass looks only at the
+pixels the first pass marks as suspicious (single bright pixels, zeros among bright neighbours).
+"""
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 
 from ..config import PreprocessConfig
 
-__all__ = ["preprocess", "preprocess_batch", "block_edges", "frame_scale"]
+__all__ = [
+    "N_CHANNELS",
+    "preprocess",
+    "preprocess_batch",
+    "preprocess_fine",
+    "block_edges",
+    "frame_scale",
+]
+
+#: channels of the model input, in order (see :func:`preprocess`)
+CHANNELS = ("log_mean", "valid", "flagged", "log_max", "dead", "negative", "log_pair_max",
+            "dead_isolated")
+N_CHANNELS = len(CHANNELS)
+#: a zero pixel whose valid 4-neighbours average at least this many counts is "dead-like":
+#: photon counting gives it probability <= exp(-5) = 0.7 %
+_DEAD_NEIGHBOUR_MEAN = 5.0
 
 
 def block_edges(size: int, n_out: int) -> np.ndarray:
@@ -16,8 +37,108 @@ def block_edges(size: int, n_out: int) -> np.ndarray:
     return np.linspace(0, size, n_out + 1).astype(np.int64)[:-1]
 
 
-def _block_sum(a: np.ndarray, r_edges: np.ndarray, c_edges: np.ndarray) -> np.ndarray:
-    return np.add.reduceat(np.add.reduceat(a, c_edges, axis=1), r_edges, axis=0)
+def _block_index(size: int, n_out: int) -> np.ndarray:
+    """Block number of every pixel along one axis."""
+    edges = block_edges(size, n_out)
+    return (np.searchsorted(edges, np.arange(size), side="right") - 1).astype(np.int64)
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _is_flag(x: float) -> bool:
+    return x != x or x == np.inf or x == -np.inf or x == -1.0 or x == -2.0
+
+
+@numba.njit(cache=True, nogil=True)
+def _block_stats(frame, mask, has_mask, r_idx, c_idx, h, w):  # pragma: no cover - compiled
+    """Pass 1: per block sum, valid, flagged, zero, negative counts and maximum."""
+    total = np.zeros((h, w))
+    n_valid = np.zeros((h, w))
+    n_flagged = np.zeros((h, w))
+    n_zero = np.zeros((h, w))
+    n_negative = np.zeros((h, w))
+    block_max = np.zeros((h, w))
+    rows, cols = frame.shape
+    for i in range(rows):
+        bi = r_idx[i]
+        for j in range(cols):
+            bj = c_idx[j]
+            x = float(frame[i, j])
+            if _is_flag(x):
+                n_flagged[bi, bj] += 1
+                continue
+            if has_mask and mask[i, j]:
+                continue
+            n_valid[bi, bj] += 1
+            if x < 0:
+                n_negative[bi, bj] += 1
+            elif x == 0:
+                n_zero[bi, bj] += 1
+            else:
+                total[bi, bj] += x
+                if x > block_max[bi, bj]:
+                    block_max[bi, bj] = x
+    return total, n_valid, n_flagged, n_zero, n_negative, block_max
+
+
+@numba.njit(cache=True, nogil=True)
+def _valid_value(frame, mask, has_mask, i, j):  # pragma: no cover - compiled
+    """(value, valid) of pixel (i, j); negative readout values count as 0."""
+    x = float(frame[i, j])
+    if _is_flag(x) or (has_mask and mask[i, j]):
+        return 0.0, False
+    return max(x, 0.0), True
+
+
+@numba.njit(cache=True, nogil=True)
+def _spike_stats(frame, mask, has_mask, r_idx, c_idx, mean, dead_mean):  # pragma: no cover
+    """Pass 2: per block the largest value two adjacent pixels both reach (tracks, blobs: not
+    single hot pixels), and the number of zeros whose valid 4-neighbours are all non-zero and
+    average >= dead_mean."""
+    h, w = mean.shape
+    pair_max = np.zeros((h, w))
+    n_dead = np.zeros((h, w))
+    rows, cols = frame.shape
+    for i in range(rows):
+        bi = r_idx[i]
+        for j in range(cols):
+            bj = c_idx[j]
+            x = float(frame[i, j])
+            m = mean[bi, bj]
+            # most pixels are neither: decide that before looking at flags and the mask
+            if x == 0.0:
+                if m < 0.5 * dead_mean or (has_mask and mask[i, j]):
+                    continue
+                # every valid neighbour bright and none reading 0: edges of shadows, of
+                # unflagged gaps and of dead clusters have dark neighbours and do not count
+                s = 0.0
+                k = 0
+                for di, dj in ((-1, 0), (1, 0), (0, -1), (0, 1)):
+                    ii, jj = i + di, j + dj
+                    if 0 <= ii < rows and 0 <= jj < cols:
+                        y, ok2 = _valid_value(frame, mask, has_mask, ii, jj)
+                        if ok2:
+                            if y <= 0.0:
+                                k = -4
+                                break
+                            s += y
+                            k += 1
+                if k >= 3 and s >= dead_mean * k:
+                    n_dead[bi, bj] += 1
+            elif x > 3.0 * m + 3.0 and x > pair_max[bi, bj]:
+                if _is_flag(x) or (has_mask and mask[i, j]):
+                    continue
+                best = 0.0
+                for di, dj in ((0, 1), (1, -1), (1, 0), (1, 1), (0, -1), (-1, -1), (-1, 0),
+                               (-1, 1)):
+                    ii, jj = i + di, j + dj
+                    if 0 <= ii < rows and 0 <= jj < cols:
+                        y, ok2 = _valid_value(frame, mask, has_mask, ii, jj)
+                        if ok2 and y > best:
+                            best = y
+                pair = min(x, best)
+                if pair > pair_max[bi, bj]:
+                    pair_max[bi, bj] = pair
+    return pair_max, n_dead
 
 
 def _check_frame(frame: np.ndarray) -> np.ndarray:
@@ -26,21 +147,46 @@ def _check_frame(frame: np.ndarray) -> np.ndarray:
         raise ValueError(f"frame must be 2-D (rows, cols), got shape {frame.shape}")
     if frame.dtype.kind not in "iufb":
         raise ValueError(f"frame dtype {frame.dtype} is not numeric")
-    return frame
+    if not frame.dtype.isnative:  # big-endian TIFF / HDF5 data
+        frame = frame.astype(frame.dtype.newbyteorder("="))
+    if frame.dtype.kind == "b" or frame.dtype.itemsize > 8 or frame.dtype == np.float16:
+        frame = frame.astype(np.float32)  # types the compiled pass does not take
+    return np.ascontiguousarray(frame)
+
+
+def _check_mask(mask, shape) -> tuple[np.ndarray, bool]:
+    if mask is None:
+        return np.zeros((1, 1), dtype=np.bool_), False
+    mask = np.asarray(mask)
+    if mask.shape != shape:
+        raise ValueError(f"mask shape {mask.shape} does not match frame shape {shape}")
+    return np.ascontiguousarray(mask, dtype=np.bool_), True
+
+
+_INDEX_CACHE: dict[tuple[int, int], np.ndarray] = {}
+
+
+def _index(size: int, n_out: int) -> np.ndarray:
+    key = (size, n_out)
+    if key not in _INDEX_CACHE:
+        _INDEX_CACHE[key] = _block_index(size, n_out)
+    return _INDEX_CACHE[key]
 
 
 def preprocess(
     frame: np.ndarray, mask: np.ndarray | None = None, config: PreprocessConfig | None = None
 ) -> np.ndarray:
-    """One frame (H, W) of any int/float dtype -> (6, h, w) float32 model input.
+    """One frame (H, W) of any int/float dtype -> (8, h, w) float32 model input.
 
-    Channels: log1p(block mean / median block mean) with masked blocks at 0; the fraction of
-    valid pixels per block; the fraction the detector itself flagged (Pilatus -1 gap and -2 bad
-    pixels, non-finite values); the block maximum over the mean on the same log scale (single
-    hot pixels, zingers, overflow vanish in a mean but not in a max); the fraction of valid
-    pixels reading exactly 0 beyond Poisson's exp(-mean) (dead); the fraction reading below 0
-    (readout noise around a subtracted offset: a counting detector never reports it). Negative
-    values that are not flags count as data, clipped at 0 in the mean.
+    Channels (:data:`CHANNELS`): log1p(block mean / median block mean) with masked blocks at 0;
+    the fraction of valid pixels per block; the fraction the detector itself flagged (Pilatus -1
+    gap and -2 bad pixels, non-finite values); the block maximum over the mean on the same log
+    scale (single hot pixels, zingers, overflow vanish in a mean but not in a max); the fraction
+    of valid pixels reading 0 beyond Poisson's exp(-mean) of the surrounding blocks (dead
+    clusters); the fraction reading below 0 (readout noise around a subtracted offset: a
+    counting detector never reports it); the largest value two adjacent pixels share over the
+    mean (cosmic tracks light neighbours, a hot pixel does not); the fraction of zeros among
+    bright neighbours (single dead pixels). Negative values that are not flags count as 0.
     """
     return _preprocess(frame, mask, config)[0]
 
@@ -48,39 +194,40 @@ def preprocess(
 def _preprocess(frame, mask, config) -> tuple[np.ndarray, float]:
     config = config or PreprocessConfig()
     frame = _check_frame(frame)
+    mask, has_mask = _check_mask(mask, frame.shape)
     h, w = config.out_shape
-    r_edges, c_edges = block_edges(frame.shape[0], h), block_edges(frame.shape[1], w)
-    values = frame.astype(np.float32, copy=False)
-    flagged = ~np.isfinite(values) | (values == -1) | (values == -2)
-    valid = ~flagged
-    if mask is not None:
-        mask = np.asarray(mask, dtype=bool)
-        if mask.shape != frame.shape:
-            raise ValueError(f"mask shape {mask.shape} does not match frame shape {frame.shape}")
-        valid &= ~mask
-    negative = valid & (values < 0)
-    clean = np.where(valid & ~negative, values, np.float32(0))
-    counts = np.diff(np.append(r_edges, frame.shape[0]))[:, None] * np.diff(
-        np.append(c_edges, frame.shape[1])
-    )[None, :]
-    n_valid = _block_sum(valid.astype(np.float32), r_edges, c_edges)
-    total = _block_sum(clean, r_edges, c_edges)
-    n_flagged = _block_sum(flagged.astype(np.float32), r_edges, c_edges)
-    n_zero = _block_sum((valid & (values == 0)).astype(np.float32), r_edges, c_edges)
-    n_negative = _block_sum(negative.astype(np.float32), r_edges, c_edges)
-    # columns first: numpy's reduceat along rows of a wide array is 3x slower
-    block_max = np.maximum.reduceat(np.maximum.reduceat(clean, c_edges, axis=1), r_edges, axis=0)
+    block_edges(frame.shape[0], h), block_edges(frame.shape[1], w)  # size check
+    r_idx, c_idx = _index(frame.shape[0], h), _index(frame.shape[1], w)
+    total, n_valid, n_flagged, n_zero, n_negative, block_max = _block_stats(
+        frame, mask, has_mask, r_idx, c_idx, h, w)
+    counts = np.bincount(r_idx, minlength=h)[:, None] * np.bincount(c_idx, minlength=w)[None, :]
     valid_frac = n_valid / counts
     good = valid_frac >= config.min_valid_fraction
     mean = np.where(good, total / np.maximum(n_valid, 1), 0)
     scale = max(float(np.median(mean[good])) if good.any() else 1.0, 1e-3)
-    log_i = np.where(good, np.log1p(np.maximum(mean, 0) / scale), 0)
-    log_max = np.where(good, np.log1p(np.maximum(block_max, 0) / scale) - log_i, 0)
+    pair_max, n_dead = _spike_stats(frame, mask, has_mask, r_idx, c_idx, mean,
+                                     _DEAD_NEIGHBOUR_MEAN)
+    log_i = np.where(good, np.log1p(mean / scale), 0)
+    log_max = np.where(good, np.log1p(block_max / scale) - log_i, 0)
+    log_pair = np.where(good & (pair_max > 0), np.log1p(pair_max / scale) - log_i, 0)
     # zeros beyond what photon counting explains: at block mean m a pixel reads 0 with
-    # probability ~exp(-m), so only dead pixels push the fraction above that
-    zero_frac = np.where(good, np.clip(n_zero / np.maximum(n_valid, 1) - np.exp(-mean), 0, 1), 0)
-    negative_frac = np.where(good, n_negative / np.maximum(n_valid, 1), 0)
-    channels = [log_i, good * valid_frac, n_flagged / counts, log_max, zero_frac, negative_frac]
+    # probability ~exp(-m), so only dead pixels push the fraction above that. A block that
+    # reads 0 throughout (inside a dead cluster) is judged by the median of its 8 neighbours
+    padded = np.pad(np.where(good, mean, np.nan), 1, constant_values=np.nan)
+    around = np.stack([padded[1 + a : 1 + a + h, 1 + b : 1 + b + w]
+                       for a in (-1, 0, 1) for b in (-1, 0, 1) if a or b])
+    all_zero = good & (n_zero >= n_valid)
+    local = mean.copy()
+    if all_zero.any():
+        with np.errstate(all="ignore"):
+            nb = np.nanmedian(around[:, all_zero], axis=0)
+        local[all_zero] = np.nan_to_num(nb, nan=0.0)
+    per_valid = 1 / np.maximum(n_valid, 1)
+    zero_frac = np.where(good, np.clip(n_zero * per_valid - np.exp(-local), 0, 1), 0)
+    negative_frac = np.where(good, n_negative * per_valid, 0)
+    dead_isolated = np.where(good, n_dead * per_valid, 0)
+    channels = [log_i, good * valid_frac, n_flagged / counts, log_max, zero_frac, negative_frac,
+                log_pair, dead_isolated]
     return np.stack(channels).astype(np.float32), scale
 
 
@@ -91,10 +238,29 @@ def frame_scale(
     return _preprocess(frame, mask, config)[1]
 
 
+def preprocess_fine(
+    frame: np.ndarray, scale: float, mask: np.ndarray | None = None,
+    shape: tuple[int, int] = (256, 256),
+) -> np.ndarray:
+    """(2, *shape) float32: log1p(block mean / ``scale``) and the valid fraction, at the
+    denoiser's resolution (``scale`` from :func:`frame_scale`, so both resolutions agree)."""
+    frame = _check_frame(frame)
+    mask, has_mask = _check_mask(mask, frame.shape)
+    h, w = shape
+    block_edges(frame.shape[0], h), block_edges(frame.shape[1], w)
+    r_idx, c_idx = _index(frame.shape[0], h), _index(frame.shape[1], w)
+    total, n_valid = _block_stats(frame, mask, has_mask, r_idx, c_idx, h, w)[:2]
+    counts = np.bincount(r_idx, minlength=h)[:, None] * np.bincount(c_idx, minlength=w)[None, :]
+    valid = n_valid / counts
+    good = valid >= 0.25
+    log_i = np.where(good, np.log1p(total / np.maximum(n_valid, 1) / scale), 0)
+    return np.stack([log_i, good * valid]).astype(np.float32)
+
+
 def preprocess_batch(
     frames: np.ndarray, mask: np.ndarray | None = None, config: PreprocessConfig | None = None
 ) -> np.ndarray:
-    """(N, H, W) or (H, W) -> (N, 6, h, w) float32."""
+    """(N, H, W) or (H, W) -> (N, 8, h, w) float32."""
     frames = np.asarray(frames)
     if frames.ndim == 2:
         frames = frames[None]

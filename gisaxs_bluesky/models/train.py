@@ -28,8 +28,9 @@ from ..sim.sample import STRUCTURES
 from .checkpoint import file_sha256, load_checkpoint, save_checkpoint
 from .dae import GisaxsDAE
 from .inference import recon_error, resolve_device
+from .preprocess import N_CHANNELS
 
-__all__ = ["TrainConfig", "TrainingData", "train", "add_arguments", "run"]
+__all__ = ["TrainConfig", "TrainingData", "train", "train_denoiser", "add_arguments", "run"]
 
 log = logging.getLogger(__name__)
 LATTICE = torch.tensor([s not in ("spheres_dilute", "cylinders_dilute") for s in STRUCTURES])
@@ -45,8 +46,10 @@ class TrainConfig:
     w_recon: float = 10.0
     w_noise: float = 3.0
     w_structure: float = 1.0
-    w_size: float = 2.0
+    w_size: float = 4.0
     w_consistency: float = 1.0
+    w_denoise: float = 10.0
+    denoise_crop: int = 64  # the denoiser trains on random crops of the 256 x 256 frames
     num_threads: int | None = None
 
 
@@ -61,6 +64,12 @@ class TrainingData:
             if "inputs" not in f:
                 raise ValueError(f"{path} holds full frames; training needs a binned set (no --full)")
             self.inputs = torch.from_numpy(f["inputs"][:])
+            if self.inputs.shape[1] != N_CHANNELS:
+                raise ValueError(f"{path} holds {self.inputs.shape[1]}-channel inputs; this version "
+                                 f"needs {N_CHANNELS}: simulate the set again")
+            # the denoiser's 256 x 256 frames (sets made before it existed lack them)
+            self.fine = torch.from_numpy(f["fine"][:]) if "fine" in f else None
+            self.fine_target = torch.from_numpy(f["fine_target"][:]) if "fine" in f else None
             self.target = torch.from_numpy(f["target"][:])
             self.noise = torch.from_numpy(f["noise_vector"][:])
             self.structure = torch.from_numpy(f["structure_index"][:])
@@ -84,8 +93,31 @@ class TrainingData:
         return torch.cat([self.frames_of[i] for i in identities.tolist()])
 
 
+def _denoise_errors(model: GisaxsDAE, data: TrainingData, idx: torch.Tensor,
+                    prior: torch.Tensor, size: int, device: torch.device, flip: bool,
+                    rng: np.random.Generator) -> tuple[torch.Tensor, ...]:
+    """Per-frame masked MSE of the denoiser and of the plain block means on one random crop
+    (the same for the whole batch), and the number of valid blocks. ``prior`` is the decoder
+    output of the frames, mirrored already when ``flip``."""
+    fine, target = data.fine[idx], data.fine_target[idx]
+    if flip:
+        fine, target = fine.flip(-1), target.flip(-1)
+    factor = fine.shape[-1] // prior.shape[-1]
+    r, c = (int(v) * factor for v in rng.integers(0, (fine.shape[-1] - size) // factor + 1, 2))
+    fine = fine[..., r : r + size, c : c + size].to(device).float()
+    target = target[..., r : r + size, c : c + size].to(device).float()
+    prior = prior[..., r // factor : (r + size) // factor, c // factor : (c + size) // factor]
+    out = model.denoise(prior.to(device), fine)
+    weight = ((fine[:, 1] > 0) & (target > 0)).float()
+    n = weight.sum(dim=(1, 2))
+    err = ((out - target) ** 2 * weight).sum(dim=(1, 2)) / n.clamp_min(1)
+    base = ((fine[:, 0] - target) ** 2 * weight).sum(dim=(1, 2)) / n.clamp_min(1)
+    return err, base, n
+
+
 def _losses(model: GisaxsDAE, data: TrainingData, idx: torch.Tensor, cfg: TrainConfig,
-            device: torch.device, flip: bool) -> dict[str, torch.Tensor]:
+            device: torch.device, flip: bool,
+            rng: np.random.Generator | None = None) -> dict[str, torch.Tensor]:
     x = data.inputs[idx].to(device).float()
     target = data.target[idx].to(device).float()
     if flip:  # GISAXS is left-right symmetric about the beam; mirrored frames are physical too
@@ -112,8 +144,14 @@ def _losses(model: GisaxsDAE, data: TrainingData, idx: torch.Tensor, cfg: TrainC
     consistency = within / between.clamp_min(1e-6)
     total = (cfg.w_recon * recon + cfg.w_noise * noise + cfg.w_structure * structure
              + cfg.w_size * (size_r + size_d) + cfg.w_consistency * consistency)
-    return {"total": total, "recon": recon, "noise": noise, "structure": structure,
-            "radius": size_r, "distance": size_d, "consistency": consistency}
+    losses = {"recon": recon, "noise": noise, "structure": structure, "radius": size_r,
+              "distance": size_d, "consistency": consistency}
+    if data.fine is not None and cfg.w_denoise > 0:
+        err, _, n = _denoise_errors(model, data, idx, out["recon"].detach(), cfg.denoise_crop,
+                                    device, flip, rng or np.random.default_rng())
+        losses["denoise"] = (err * n).sum() / n.sum().clamp_min(1)
+        total = total + cfg.w_denoise * losses["denoise"]
+    return {"total": total, **losses}
 
 
 @torch.inference_mode()
@@ -233,7 +271,7 @@ def train(
             ids = order[step * cfg.batch_identities : (step + 1) * cfg.batch_identities]
             idx = data.batch(ids)
             with torch.autocast(dev.type, enabled=use_amp, dtype=torch.float16):
-                losses = _losses(model, data, idx, cfg, dev, flip=bool(rng.random() < 0.5))
+                losses = _losses(model, data, idx, cfg, dev, flip=bool(rng.random() < 0.5), rng=rng)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(losses["total"]).backward()
             scaler.step(optimizer)
@@ -264,6 +302,76 @@ def train(
     else:
         card["sha256"] = file_sha256(out)
     return card
+
+
+def train_denoiser(
+    checkpoint: str | Path,
+    data_path: str | Path,
+    out: str | Path,
+    *,
+    epochs: int = 10,
+    batch_frames: int = 32,
+    crop: int = 128,
+    lr: float = 2e-3,
+    seed: int = 0,
+    device: str = "auto",
+    progress: bool = True,
+) -> dict:
+    """Fine-tune only the denoiser of ``checkpoint`` on ``data_path`` and write ``out``.
+
+    Meant for a set with photon noise only (``simulate --p-kind 0``): the joint training asks
+    the denoiser to remove artefacts too, which costs it on frames that have none. Everything
+    else (encoder, decoder, heads, binner calibration) stays as it is, so latents, bins and
+    outlier scores do not change.
+    """
+    dev = resolve_device(device)
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    model, card, _ = load_checkpoint(checkpoint, map_location=dev)
+    model.to(dev)
+    data = TrainingData(data_path)
+    if data.fine is None:
+        raise ValueError(f"{data_path} has no 256 x 256 frames ('fine'): simulate it again")
+    prior = torch.from_numpy(predict(model, data.inputs, dev)["recon"])
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = list(model.refine.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    steps = math.ceil(len(data) / batch_frames)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=epochs * steps)
+    history = []
+    model.refine.train()
+    for epoch in range(epochs):
+        order = torch.from_numpy(rng.permutation(len(data)))
+        total = 0.0
+        bar = tqdm(range(steps), desc=f"denoiser {epoch + 1}/{epochs}", disable=not progress,
+                   unit="batch")
+        for step in bar:
+            idx = order[step * batch_frames : (step + 1) * batch_frames]
+            flip = bool(rng.random() < 0.5)
+            pr = prior[idx].flip(-1) if flip else prior[idx]
+            err, base, _ = _denoise_errors(model, data, idx, pr, crop, dev, flip, rng)
+            # relative to what block means alone leave (per frame), so that frames at every
+            # dose count alike, not just the starved ones whose errors are largest
+            loss = (err / (base + 2e-3)).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            total += float(loss.detach())
+            bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
+        history.append({"epoch": epoch + 1, "loss_vs_block_means": total / steps})
+        log.info("denoiser epoch %d: error / block-mean error %.4f", epoch + 1, total / steps)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    card = {k: v for k, v in card.items() if k != "sha256"}
+    card["denoiser_training"] = {
+        "from": str(checkpoint), "path": str(data.path), "frames": len(data),
+        "spec": data.description, "epochs": epochs, "crop": crop, "history": history,
+    }
+    return save_checkpoint(out, model, card)
 
 
 def _card(model, data, val, cfg, name, version, history, epochs_done) -> dict:
@@ -297,16 +405,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true", help="continue from --out if it exists")
     parser.add_argument("--export", help="also write weights only (no optimizer state), e.g. "
                         "gisaxs_bluesky/models/pretrained/gisaxs-dae-small.pt")
+    parser.add_argument("--denoiser-from", metavar="CHECKPOINT",
+                        help="fine-tune only the denoiser of CHECKPOINT on --data (a set with "
+                        "photon noise only, `simulate --p-kind 0`) and write --out")
     parser.add_argument("--name", default="gisaxs-dae-small")
     parser.add_argument("--version", default=None)
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = TrainConfig(epochs=args.epochs, batch_identities=args.batch_identities, lr=args.lr,
-                      seed=args.seed)
-    card = train(args.data, args.out, val_path=args.val, calibration_path=args.calibration,
-                 config=cfg, device=args.device,
-                 resume=args.resume, name=args.name, version=args.version)
+    if args.denoiser_from:
+        card = train_denoiser(args.denoiser_from, args.data, args.out, epochs=args.epochs,
+                              seed=args.seed, device=args.device)
+    else:
+        cfg = TrainConfig(epochs=args.epochs, batch_identities=args.batch_identities,
+                          lr=args.lr, seed=args.seed)
+        card = train(args.data, args.out, val_path=args.val, calibration_path=args.calibration,
+                     config=cfg, device=args.device,
+                     resume=args.resume, name=args.name, version=args.version)
     if args.export:
         model, card, _ = load_checkpoint(args.out)
         card = save_checkpoint(args.export, model, {k: v for k, v in card.items() if k != "sha256"})

@@ -24,7 +24,8 @@ __all__ = ["DatasetSpec", "generate", "iter_identity", "pool2", "add_arguments",
 class DatasetSpec:
     """What to simulate: identities x noisy frames each, and at which resolution to store.
 
-    ``binned=True`` stores model inputs (6, 128, 128) and clean targets (64, 64) as float16;
+    ``binned=True`` stores model inputs (8, 128, 128), clean targets (64, 64) and, for the
+    denoiser, the measured and clean log intensity at 256 x 256 as float16;
     ``binned=False`` stores full detector counts and expected intensity (float32).
     """
 
@@ -37,6 +38,10 @@ class DatasetSpec:
     dose_counts: float | None = None  # fixed dose (evaluation at a dose level)
     structures: tuple[str, ...] = STRUCTURES
     jitter_geometry: bool = True
+    # probability that a frame is preprocessed with the nominal mask (gaps + beamstop), as
+    # with a user mask; otherwise with the detector's own flags only, as a callback without a
+    # mask sees it (the beamstop and, when the stop is off its place, the direct beam)
+    p_mask: float = 0.5
     compute_binning: int = 6
 
     def __post_init__(self) -> None:
@@ -76,7 +81,8 @@ def _identity_geometry(rng: np.random.Generator, jitter: bool) -> Geometry:
 
 def iter_identity(spec: DatasetSpec, index: int) -> Iterator[dict]:
     """Frames of identity ``index``: one sample + geometry, fresh noise for each frame."""
-    from ..models.preprocess import preprocess  # models depends on sim, not the reverse
+    # models depends on sim, not the reverse
+    from ..models.preprocess import _preprocess, preprocess_fine
 
     rng = np.random.default_rng([spec.seed, index])
     structure = spec.structures[index % len(spec.structures)]
@@ -85,8 +91,9 @@ def iter_identity(spec: DatasetSpec, index: int) -> Iterator[dict]:
     mask = nominal_mask(geometry)
     clean = expected_intensity(sample, geometry, dose_counts=10.0,
                                compute_binning=spec.compute_binning)
-    clean_in = preprocess(clean, mask)
+    clean_in, clean_scale = _preprocess(clean, mask, None)
     target = pool2(clean_in[0], clean_in[1])
+    fine_target = preprocess_fine(clean, clean_scale, mask)[0] if spec.binned else None
     for _ in range(spec.frames_per_identity):
         noise: NoiseSpec = random_noise(
             rng, dose_range=spec.dose_range, p_kind=spec.p_kind, dose_counts=spec.dose_counts
@@ -101,8 +108,12 @@ def iter_identity(spec: DatasetSpec, index: int) -> Iterator[dict]:
             "noise_vector": noise.label_vector(),
         }
         if spec.binned:
-            row["inputs"] = preprocess(result.counts, mask).astype(np.float16)
+            frame_mask = mask if rng.random() < spec.p_mask else None
+            inputs, scale = _preprocess(result.counts, frame_mask, None)
+            row["inputs"] = inputs.astype(np.float16)
             row["target"] = target.astype(np.float16)
+            row["fine"] = preprocess_fine(result.counts, scale, frame_mask).astype(np.float16)
+            row["fine_target"] = fine_target.astype(np.float16)
         else:
             row["counts"] = result.counts.astype(np.float32)
             row["expected"] = clean * np.float32(noise.dose_counts / 10.0)
@@ -140,8 +151,13 @@ def generate(
         f.attrs["noise_kinds"] = list(NOISE_KINDS)
         f.attrs["structures"] = list(STRUCTURES)
         if spec.binned:
-            f.create_dataset("inputs", (n, 6, 128, 128), np.float16, chunks=(1, 6, 128, 128))
+            from ..models.preprocess import N_CHANNELS
+
+            f.create_dataset("inputs", (n, N_CHANNELS, 128, 128), np.float16,
+                             chunks=(1, N_CHANNELS, 128, 128))
             f.create_dataset("target", (n, 64, 64), np.float16, chunks=(1, 64, 64))
+            f.create_dataset("fine", (n, 2, 256, 256), np.float16, chunks=(1, 2, 256, 256))
+            f.create_dataset("fine_target", (n, 256, 256), np.float16, chunks=(1, 256, 256))
         else:
             shape = Geometry().shape
             f.create_dataset("counts", (n, *shape), np.float32, chunks=(1, *shape),

@@ -140,7 +140,11 @@ class FrameSource:
         motors: Sequence[Any] = (),
         shape: tuple[int, int] | None = None,
         dtype: Any = None,
+        exposure_s: float = 0.0,
     ) -> None:
+        if not exposure_s >= 0:
+            raise ValueError(f"exposure_s={exposure_s} must be >= 0")
+        self.exposure_s = float(exposure_s)
         self.frame_fn = frame_fn
         self.motors = list(motors)
         self.shape = tuple(shape) if shape is not None else None
@@ -193,6 +197,8 @@ class FrameSource:
         if self._file is None:
             raise RuntimeError("FrameSource.open_file was not called")
         for _ in range(self.num_frames):
+            if self.exposure_s:  # the detector integrates before the frame exists
+                await asyncio.sleep(self.exposure_s)
             frame = await self.make_frame()
             if frame.shape != self.shape:
                 raise ValueError(
@@ -305,12 +311,14 @@ class GisaxsDetector(StandardDetector):
         *,
         shape: tuple[int, int] | None = None,
         dtype: Any = None,
+        exposure_s: float = 0.0,
     ) -> None:
         directory = Path(directory).absolute()
         directory.mkdir(parents=True, exist_ok=True)
         if frame_fn is None:
             frame_fn, shape, dtype = blob_frame_fn(), PILATUS_SHAPE, np.int32
-        self.source = FrameSource(frame_fn, motors, shape=shape, dtype=dtype)
+        self.source = FrameSource(frame_fn, motors, shape=shape, dtype=dtype,
+                                  exposure_s=exposure_s)
         self.directory = directory
         self.add_detector_logics(
             _TriggerLogic(self.source),

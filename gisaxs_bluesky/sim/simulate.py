@@ -19,6 +19,10 @@ __all__ = ["SimResult", "simulate", "expected_intensity", "nominal_mask"]
 
 _GAP_VALUE = -1
 _BEAMSTOP_TRANSMISSION = 1e-4
+# halo of the direct beam relative to the brightest diffuse pixel: ~3 % of it at the edge of
+# the beamstop, ~0.02 % 50 px out; a beamstop off its place casts its shadow into it
+_HALO_RELATIVE = 0.3
+_HALO_WIDTH_PX = 8.0
 _DIFFUSE_CACHE: OrderedDict = OrderedDict()
 _CACHE_SIZE = 64
 
@@ -100,6 +104,21 @@ def _diffuse(geometry: Geometry, sample: Sample, compute_binning: int, resolutio
     return full
 
 
+def _add_halo(image: np.ndarray, centre, width_px: float, amplitude: float,
+              reach_px: int = 128) -> None:
+    """Add amplitude / (1 + (r / width)^2)^2 around ``centre`` (within ``reach_px``), in place."""
+    r0, c0 = centre
+    h, w = image.shape
+    top, bottom = max(int(r0) - reach_px, 0), min(int(r0) + reach_px + 1, h)
+    left, right = max(int(c0) - reach_px, 0), min(int(c0) + reach_px + 1, w)
+    if top >= bottom or left >= right:
+        return
+    rows = np.arange(top, bottom, dtype=np.float32)[:, None] - np.float32(r0)
+    cols = np.arange(left, right, dtype=np.float32)[None, :] - np.float32(c0)
+    q = 1 + (rows**2 + cols**2) / np.float32(width_px**2)
+    image[top:bottom, left:right] += (np.float32(amplitude) / (q * q)).astype(np.float32)
+
+
 def _gaussian_spot(shape, centre, sigma_px, amplitude) -> np.ndarray:
     r0, c0 = centre
     rows = np.arange(shape[0], dtype=np.float32)[:, None]
@@ -148,8 +167,10 @@ def expected_intensity(
         halo = 200 * dose_counts * parasitic * (10 / dist) ** 2
         streak = 30 * dose_counts * parasitic * np.exp(-0.5 * ((rows - r0) / 2.0) ** 2)
         image += (halo + streak * (10 / np.sqrt(np.abs(cols - c0) + 10))).astype(np.float32)
-    # the direct beam: an enormous spot where the (possibly misaligned) beam hits
+    # the direct beam: an enormous spot where the (possibly misaligned) beam hits, with the
+    # halo of slit and window scattering around it that every real frame shows past the stop
     image += _gaussian_spot(shape, beam.beam_center_px, 2.0, 1e4 * peak)
+    _add_halo(image, beam.beam_center_px, _HALO_WIDTH_PX, _HALO_RELATIVE * peak)
     stop_centre = (
         geometry.beam_center_px[0] + beamstop_offset_px[0],
         geometry.beam_center_px[1] + beamstop_offset_px[1],

@@ -17,6 +17,7 @@ from gisaxs_bluesky.models import (
     preprocess,
     save_checkpoint,
 )
+from gisaxs_bluesky.models.preprocess import frame_scale, preprocess_fine
 from gisaxs_bluesky.sim import NOISE_KINDS, NoiseSpec, Sample, simulate
 
 CARD = {"name": "test-dae", "version": "0", "preprocess": {"out_shape": [128, 128]}}
@@ -35,15 +36,33 @@ def encoder() -> Encoder:
     return Encoder(GisaxsDAE(), dict(CARD), device="cpu")
 
 
-def test_preprocess_any_dtype_gives_three_finite_channels(frames):
-    for dtype in (np.int32, np.uint16, np.float32, np.float64, np.int64):
+def test_preprocess_any_dtype_gives_finite_channels(frames):
+    for dtype in (np.int32, np.uint16, np.float32, np.float64, np.int64, np.uint8, bool,
+                  np.float16, ">i4", ">f8"):
         x = preprocess(np.clip(frames[0], 0, 60000).astype(dtype))
-        assert x.shape == (6, 128, 128) and x.dtype == np.float32
+        assert x.shape == (8, 128, 128) and x.dtype == np.float32
         assert np.isfinite(x).all()
     x = preprocess(frames[0])
     # gap rows 195-211 of 1043 map to model rows ~24-26: flagged there, valid elsewhere
     assert x[2, 25].mean() == pytest.approx(1.0) and x[2, 60, :50].max() == 0.0
     assert x[0].max() > 1.0
+
+
+def test_preprocess_tells_tracks_from_hot_pixels_and_finds_dead_pixels():
+    frame = np.random.default_rng(0).poisson(20.0, (1043, 981)).astype(np.int32)
+    base = preprocess(frame)
+    hot, track, dead = frame.copy(), frame.copy(), frame.copy()
+    hot[500, 500] = 50_000  # one hot pixel: a high block max, no bright neighbour
+    track[500, 500:512] = 3_000  # a cosmic track: neighbours share the high value
+    dead[500, 500] = 0  # one dead pixel among ~20 counts (Poisson: exp(-20) chance)
+    block = (500 * 128 // 1043, 500 * 128 // 981)
+    x_hot, x_track, x_dead = preprocess(hot), preprocess(track), preprocess(dead)
+    assert x_hot[3][block] > 2 and x_track[3][block] > 2  # log max over mean: both bright
+    assert x_hot[6][block] < 0.5 < 2 < x_track[6][block]  # log pair max: only the track
+    assert base[7].max() == 0 and x_dead[7][block] == pytest.approx(1 / 64, rel=0.2)
+    fine = preprocess_fine(frame, frame_scale(frame))
+    assert fine.shape == (2, 256, 256) and np.isfinite(fine).all()
+    assert fine[0].mean() == pytest.approx(np.log(2), abs=0.05) and fine[1].min() == 1.0
 
 
 def test_preprocess_rejects_bad_frames_by_name():
@@ -70,6 +89,10 @@ def test_encode_shapes_and_dtypes(encoder, frames):
     assert (result.radius_nm > 0).all() and result.distance_nm.shape == (3,)
     single = encoder.encode(frames[0])
     np.testing.assert_allclose(single.latent[0], result.latent[0], rtol=1e-4, atol=1e-5)
+    assert result.denoised is None
+    denoised = encoder.encode(frames[:2], return_denoised=True)
+    assert denoised.denoised.shape == (2, 256, 256) and np.isfinite(denoised.denoised).all()
+    np.testing.assert_allclose(denoised.latent, result.latent[:2], rtol=1e-4, atol=1e-5)
 
 
 def test_nan_and_flagged_pixels_give_finite_latents(encoder, frames):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from gisaxs_bluesky.models import load_encoder
-from gisaxs_bluesky.models.train import TrainConfig, TrainingData, predict, train
+from gisaxs_bluesky.models.train import TrainConfig, TrainingData, predict, train, train_denoiser
 from gisaxs_bluesky.sim.dataset import DatasetSpec, generate
 
 
@@ -49,7 +49,8 @@ def test_tiny_model_beats_chance_on_noise_kinds_and_resumes(tiny_sets, tmp_path)
     card = train(train_path, out, val_path=val_path, config=cfg, device="cpu", resume=True,
                  progress=False)
     assert card["epochs_done"] == 12 and [h["epoch"] for h in card["history"]] == list(range(1, 13))
-    assert card["history"][-1]["loss"]["total"] < card["history"][0]["loss"]["total"]
+    first, last = card["history"][0]["loss"], card["history"][-1]["loss"]
+    assert last["total"] < first["total"] and last["denoise"] < first["denoise"]
     assert card["binner"]["spread"] > 0 and card["binner"]["recon_threshold"] > 0
     assert len(card["sha256"]) == 64
     # held-out noise-kind AUROC: chance is 0.5
@@ -61,3 +62,26 @@ def test_tiny_model_beats_chance_on_noise_kinds_and_resumes(tiny_sets, tmp_path)
               if 3 <= truth[:, k].sum() <= len(truth) - 3]
     assert len(scores) >= 6
     assert np.mean(scores) > 0.6, scores
+
+
+def test_denoiser_fine_tune_changes_only_the_denoiser(tiny_sets, tmp_path):
+    train_path, val_path = tiny_sets
+    base = tmp_path / "base.pt"
+    train(train_path, base, config=TrainConfig(epochs=1, batch_identities=10, seed=0),
+          device="cpu", progress=False)
+    tuned = tmp_path / "tuned.pt"
+    card = train_denoiser(base, val_path, tuned, epochs=2, crop=64, device="cpu",
+                          progress=False)
+    history = card["denoiser_training"]["history"]
+    assert [h["epoch"] for h in history] == [1, 2] and len(card["sha256"]) == 64
+    assert all(np.isfinite(h["loss_vs_block_means"]) for h in history)
+    a, b = load_encoder(base, device="cpu"), load_encoder(tuned, device="cpu")
+    val = TrainingData(val_path)
+    x, fine = val.inputs[:6].float().numpy(), val.fine[:6].float().numpy()
+    out_a = a.encode_preprocessed(x, fine=fine, return_denoised=True)
+    out_b = b.encode_preprocessed(x, fine=fine, return_denoised=True)
+    # latents, noise kinds and reconstruction errors are untouched; the denoised frames moved
+    for key in ("latent", "noise_prob", "recon_error"):
+        np.testing.assert_array_equal(out_a[key], out_b[key])
+    assert out_b["denoised"].shape == (6, 256, 256)
+    assert np.abs(out_a["denoised"] - out_b["denoised"]).max() > 1e-3

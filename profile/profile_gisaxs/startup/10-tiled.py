@@ -1,5 +1,7 @@
 """Part 1: Tiled client (GISAXS_TILED_URI / TILED_API_KEY, else a local catalog folder) and
 TiledWriter subscribed (batch_size=1, so frames are in Tiled while the scan runs)."""
+import threading
+
 from bluesky_tiled_plugins import TiledWriter
 
 
@@ -40,5 +42,13 @@ else:
     tiled_client = _local_tiled(CATALOG_DIR)
     print(f"Tiled: local catalog in {CATALOG_DIR} (set GISAXS_TILED_URI for a server)")
 client = tiled_client
+# a local catalog keeps its tables in SQLite (one writer at a time): raw and derived writes
+# take turns under one lock (see gisaxs_bluesky.callbacks.serialized); a server needs none
+tiled_write_lock = None if TILED_URI else threading.Lock()
 tiled_writer = TiledWriter(tiled_client, batch_size=1)
-RE.subscribe(tiled_writer)
+if tiled_write_lock is None:
+    RE.subscribe(tiled_writer)
+else:
+    from gisaxs_bluesky.callbacks import serialized as _serialized
+
+    RE.subscribe(_serialized(tiled_writer, tiled_write_lock))

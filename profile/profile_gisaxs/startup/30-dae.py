@@ -13,7 +13,7 @@ except Exception as _exc:  # noqa: BLE001
     print(f"WARNING: model {MODEL!r} unavailable ({_exc}); using an UNTRAINED model "
           "(bins are meaningless)")
     encoder = _load_model("untrained", "cpu")
-dae_callback = DAEBinningCallback(tiled_client, encoder=encoder)
+dae_callback = DAEBinningCallback(tiled_client, encoder=encoder, write_lock=tiled_write_lock)
 dae_token = RE.subscribe(dae_callback)
 print(f"DAE binning: model {encoder.name}-{encoder.version} -> "
       f"/{dae_callback.root}/<uid>-{encoder.name}-{encoder.version}")
