@@ -214,3 +214,13 @@ def RE():
     loop.call_soon_threadsafe(loop.stop)
     engine._th.join()
     loop.close()
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """Callbacks set torch's process-wide thread count (torch_threads="auto"): undo it."""
+    import torch
+
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)

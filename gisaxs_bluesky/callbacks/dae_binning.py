@@ -277,7 +277,9 @@ class DAEBinningCallback(DocumentRouter):
     resources, ``mask`` (pixels to ignore), ``extra_metadata`` for every derived node,
     ``write_lock`` held around every Tiled write (see :func:`serialized`; needed with SQLite
     table storage), ``read_from_tiled`` to read every non-inline frame from Tiled instead of
-    its file (``TiledWriter`` must be subscribed before this callback).
+    its file (``TiledWriter`` must be subscribed before this callback), ``torch_threads``:
+    CPU threads for inference, set process-wide with ``torch.set_num_threads`` ("auto": all
+    cores but one, which stays with the RunEngine and TiledWriter; None: leave torch as is).
 
     Raises ``CheckpointError`` here (not in the RunEngine) if no encoder is given and the
     pretrained weights are missing. Call :meth:`wait` before the process exits: the worker is
@@ -308,6 +310,7 @@ class DAEBinningCallback(DocumentRouter):
         extra_metadata: Mapping[str, Any] | None = None,
         write_lock: Any = None,
         read_from_tiled: bool = False,
+        torch_threads: int | str | None = "auto",
     ) -> None:
         super().__init__()
         from ..models import load_pretrained, make_binner
@@ -321,6 +324,13 @@ class DAEBinningCallback(DocumentRouter):
             )
         self.client = client
         self.encoder = encoder if encoder is not None else load_pretrained(device)
+        if torch_threads is not None and self.encoder.device.type == "cpu":
+            import torch
+
+            n = max(1, (os.cpu_count() or 2) - 1) if torch_threads == "auto" else int(torch_threads)
+            if n < 1:
+                raise ValueError(f"torch_threads={torch_threads} must be >= 1, 'auto' or None")
+            torch.set_num_threads(n)
         model_key = self.encoder.sha256 or f"{self.encoder.name}-{self.encoder.version}"
         if persist_binner is None:
             persist_binner = binner is None or binner_state_path is not None

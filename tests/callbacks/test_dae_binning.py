@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from pathlib import Path
@@ -441,3 +442,19 @@ def test_legacy_resource_datum_through_handler(tiled_client, tmp_path):
     assert derived_node(tiled_client, uid).metadata["scan_id"] == 7
     latent = [c for c in a.columns if c.startswith("latent_")]
     np.testing.assert_allclose(a[latent].to_numpy(), b[latent].to_numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_torch_threads_leave_a_core_to_the_runengine(tiled_client, tmp_path):
+    before = torch.get_num_threads()
+    try:
+        make_callback(tiled_client, tmp_path, torch_threads=1).close()
+        assert torch.get_num_threads() == 1
+        make_callback(tiled_client, tmp_path).close()  # "auto": all cores but one
+        assert torch.get_num_threads() == max(1, (os.cpu_count() or 2) - 1)
+        torch.set_num_threads(before)
+        make_callback(tiled_client, tmp_path, torch_threads=None).close()
+        assert torch.get_num_threads() == before
+        with pytest.raises(ValueError, match="torch_threads=0"):
+            make_callback(tiled_client, tmp_path, torch_threads=0)
+    finally:
+        torch.set_num_threads(before)
