@@ -50,6 +50,8 @@ class DatasetSpec:
                 f"n_identities={self.n_identities} and frames_per_identity="
                 f"{self.frames_per_identity} must be >= 1"
             )
+        if not 0 <= self.p_mask <= 1:
+            raise ValueError(f"p_mask={self.p_mask} must be a probability in [0, 1]")
         for s in self.structures:
             if s not in STRUCTURES:
                 raise ValueError(f"structure {s!r} is not one of {STRUCTURES}")

@@ -16,6 +16,7 @@ from gisaxs_bluesky.sim import (
     nominal_mask,
     simulate,
 )
+from gisaxs_bluesky.sim.dataset import DatasetSpec
 from gisaxs_bluesky.sim.physics import (
     hexagonal_peak_positions,
     hexagonal_sf,
@@ -159,6 +160,7 @@ def test_each_noise_kind_leaves_its_mark():
         (lambda: NoiseSpec(1.0, {"cosmic": 1.0}), "'cosmic'"),
         (lambda: NoiseSpec(-1.0, {}), "dose_counts=-1.0"),
         (lambda: NoiseSpec(1.0, {"poisson": 2.0}), "'poisson'"),
+        (lambda: DatasetSpec(p_mask=1.5), "p_mask=1.5"),
     ],
 )
 def test_bad_input_names_field_and_value(make, field):
@@ -172,6 +174,21 @@ def test_misalignment_leaks_direct_beam_past_beamstop():
                        compute_binning=4)
     assert shifted.expected.max() > 100 * clean.expected[~clean.mask].max()
     assert dataclasses.asdict(GEOMETRY) == dataclasses.asdict(Geometry())  # nominal untouched
+
+
+def test_beamstop_off_its_place_shadows_the_halo_outside_the_mask():
+    # in place, the stop hides the direct beam inside the nominal mask; its halo shows around
+    # it. Moved, the shadow falls on the halo: pixels that are data go dark
+    clean = simulate(Sample(), noise=NoiseSpec(10.0, {}), seed=2, compute_binning=4)
+    moved = simulate(Sample(), noise=NoiseSpec(10.0, {"beamstop": 1.0}), seed=2,
+                     compute_binning=4)
+    data = ~clean.mask & (clean.expected > 0)
+    r0, c0 = Geometry().beam_center_px
+    rows, cols = np.indices(clean.expected.shape)
+    near = data & (np.hypot(rows - r0, cols - c0) < 60)
+    ratio = moved.expected[near] / clean.expected[near]
+    assert (ratio < 0.01).sum() > 200  # a shadowed disc of the 12 px stop, outside the mask
+    assert np.median(clean.expected[near]) > 10 * np.median(clean.expected[data])  # the halo
 
 
 def test_reality_check_yoneda_row_on_measured_pilatus_frame():
