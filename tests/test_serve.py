@@ -93,6 +93,12 @@ def test_zmq_consumer_writes_same_node_as_in_process_callback(
     assert list(remote_client["gisaxs_derived"]) == [key]
     remote = read_derived(remote_client["gisaxs_derived"][key])
     local = read_derived(tiled_client["gisaxs_derived"][key])
+    # both sides against the frames the detector wrote (latents of this random model differ by
+    # < 0.01 between frames; the reconstruction error tells them apart): catches a side that
+    # read the wrong frame, even when both sides read the same wrong one
+    ref = encoder.encode(np.stack([frames[x] for x in XS]))
+    for side in (remote, local):
+        np.testing.assert_allclose(side.recon_error.values, ref.recon_error, rtol=0.02)
     for col in ("seq_num", "bin_id", "is_outlier", "x", "time"):
         np.testing.assert_array_equal(remote[col].values, local[col].values, err_msg=col)
     # the worker batches by size and time, so the two sides may group frames differently, and

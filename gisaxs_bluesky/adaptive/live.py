@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 from urllib.parse import unquote, urlparse
 
-import h5py
 import numpy as np
 
+from ..h5live import SwmrFrameReader
 from .core import ScanResults
 
 __all__ = ["DerivedCallbackResults", "LiveEncoder", "ResultsSource"]
@@ -83,6 +83,7 @@ class LiveEncoder:
         self._starts: dict[str, dict] = {}
         self._writers: dict[str, Any] = {}
         self._errors: list[BaseException] = []
+        self._h5 = SwmrFrameReader(timeout=10.0)  # worker thread only
         self._thread = threading.Thread(target=self._work, name="gisaxs-live-encoder",
                                         daemon=True)
         self._thread.start()
@@ -155,6 +156,7 @@ class LiveEncoder:
             item = self._queue.get()
             try:
                 if item is None:
+                    self._h5.close()
                     return
                 if "stop" in item:
                     self._finish(item["stop"])
@@ -166,22 +168,8 @@ class LiveEncoder:
             finally:
                 self._queue.task_done()
 
-    def _read_frame(self, item: dict) -> np.ndarray:
-        deadline = time.monotonic() + 10.0
-        while True:
-            with h5py.File(item["path"], "r", swmr=True) as f:
-                data = f[item["dataset"]]
-                data.refresh()
-                if data.shape[0] > item["index"]:
-                    return np.asarray(data[item["index"]])
-            if time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"frame index={item['index']} never appeared in {item['path']}"
-                )
-            time.sleep(0.01)
-
     def _encode(self, item: dict) -> None:
-        frame = self._read_frame(item)
+        frame = self._h5.read(item["path"], item["dataset"], item["index"])
         enc = self.encoder.encode(frame)
         assign = self.binner.assign(enc.identity_latent, enc.recon_error)
         row = {
@@ -225,6 +213,7 @@ class LiveEncoder:
         writer.append(cols)
 
     def _finish(self, stop: dict) -> None:
+        self._h5.close()
         writer = self._writers.pop(stop["run_start"], None)
         if writer is not None:
             status = "complete" if stop.get("exit_status") == "success" else "failed"

@@ -62,6 +62,7 @@ import numpy as np
 from event_model import DocumentRouter, unpack_event_page
 
 from ..binning import OnlineBinner
+from ..h5live import SwmrFrameReader
 from ..pipeline import UNPROCESSED_BIN, BinningPipeline
 from ..store import DerivedStore
 
@@ -202,50 +203,6 @@ _CLOSE = _Sentinel()
 
 
 # ------------------------------------------------------------------------------ readers
-class _H5Reader:
-    """Reads frames from (possibly still growing) HDF5 files; used on the worker thread only."""
-
-    def __init__(self, timeout: float) -> None:
-        self.timeout = timeout
-        self._files: dict[str, Any] = {}
-
-    def read(self, path: str, dataset: str, index: int) -> np.ndarray:
-        import h5py
-
-        deadline = time.monotonic() + self.timeout
-        last = "not opened"
-        while True:
-            try:
-                f = self._files.get(path)
-                if f is None:
-                    f = h5py.File(path, "r", swmr=True, libver="latest")
-                    self._files[path] = f
-                ds = f[dataset]
-                ds.refresh()
-                if ds.shape[0] > index:
-                    return np.asarray(ds[index])
-                last = f"dataset {dataset!r} holds {ds.shape[0]} frames"
-            except (OSError, KeyError) as exc:
-                last = f"{type(exc).__name__}: {exc}"
-                self.close(path)
-            if time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"frame index {index} of {path}:{dataset} not readable after "
-                    f"{self.timeout:.1f} s ({last})"
-                )
-            time.sleep(0.02)
-
-    def close(self, path: str | None = None) -> None:
-        paths = [path] if path is not None else list(self._files)
-        for p in paths:
-            f = self._files.pop(p, None)
-            if f is not None:
-                try:
-                    f.close()
-                except Exception:  # noqa: BLE001
-                    pass
-
-
 def _uri_to_path(uri: str) -> str:
     from urllib.parse import unquote, urlparse
 
@@ -364,7 +321,7 @@ class DAEBinningCallback(DocumentRouter):
         self._in_memory = 0
         self._unfinished = 0
         self._store: DerivedStore | None = None
-        self._h5 = _H5Reader(self.frame_timeout)
+        self._h5 = SwmrFrameReader(self.frame_timeout)
         self._handlers: dict[str, Any] = {}
         self._worker: threading.Thread | None = None
         self._closed = False

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import suppress
 from pathlib import Path
@@ -39,6 +40,8 @@ from ophyd_async.core import (
     soft_signal_r_and_setter,
 )
 from ophyd_async.sim import SimMotor
+
+from ..h5live import _read_row, register_local_writer, unregister_local_writer
 
 __all__ = [
     "DATA_PATH",
@@ -86,10 +89,17 @@ def blob_frame_fn(
 
 
 class _FrameFile:
-    """An SWMR HDF5 file that frames are appended to, one flush per frame."""
+    """An SWMR HDF5 file that frames are appended to, one flush per frame.
+
+    Readers in other processes open the file with SWMR; readers in this process (the DAE
+    callback, the adaptive plan) read through :meth:`read_frame`, registered with
+    :func:`gisaxs_bluesky.h5live.register_local_writer`, because HDF5 shares one open file per
+    process and a second handle on it is not a safe SWMR reader.
+    """
 
     def __init__(self, path: Path, shape: tuple[int, int], dtype: np.dtype) -> None:
         self.path = path
+        self.lock = threading.Lock()
         self.file = h5py.File(path, "w", libver="latest")
         self.data = self.file.create_dataset(
             DATA_PATH,
@@ -103,22 +113,36 @@ class _FrameFile:
         )
         self.file.swmr_mode = True
         self.count = 0
+        self._closed = False
+        register_local_writer(path, self)
 
     def append(self, frame: np.ndarray) -> None:
         """Append one frame and its sum, then flush so SWMR readers see it."""
-        n = self.count
-        self.data.resize(n + 1, axis=0)
-        self.data[n] = frame
-        self.data.flush()
-        self.sum.resize(n + 1, axis=0)
-        self.sum[n] = float(np.sum(frame, dtype=np.float64))
-        self.sum.flush()
-        self.count = n + 1
+        total = float(np.sum(frame, dtype=np.float64))
+        with self.lock:
+            n = self.count
+            self.data.resize(n + 1, axis=0)
+            self.data[n] = frame
+            self.data.flush()
+            self.sum.resize(n + 1, axis=0)
+            self.sum[n] = total
+            self.sum.flush()
+            self.count = n + 1
+
+    def read_frame(self, dataset: str, index: int) -> np.ndarray | None:
+        """Row ``index`` of ``dataset`` once appended; None before that or after close."""
+        with self.lock:
+            if self._closed or index >= self.count:
+                return None
+            return _read_row(self.file[dataset], index)
 
     def close(self) -> None:
-        """Close the file (idempotent)."""
-        with suppress(Exception):
-            self.file.close()
+        """Close the file (idempotent); later reads open it as any other file."""
+        with self.lock:
+            self._closed = True
+            with suppress(Exception):
+                self.file.close()
+        unregister_local_writer(self.path, self)
 
 
 async def _position(motor: Any) -> float:
