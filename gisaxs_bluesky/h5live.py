@@ -25,7 +25,14 @@ from typing import Any, Protocol
 import h5py
 import numpy as np
 
-__all__ = ["LocalWriter", "SwmrFrameReader", "register_local_writer", "unregister_local_writer"]
+__all__ = [
+    "LocalWriter",
+    "SwmrFrameReader",
+    "local_writer",
+    "read_row",
+    "register_local_writer",
+    "unregister_local_writer",
+]
 
 
 class LocalWriter(Protocol):
@@ -62,7 +69,7 @@ def local_writer(path: str | os.PathLike) -> LocalWriter | None:
         return _writers.get(_key(path))
 
 
-def _read_row(ds: Any, index: int) -> np.ndarray:
+def read_row(ds: Any, index: int) -> np.ndarray:
     """``ds[index]`` through ``read_direct`` into a fresh array (not h5py's cached fast path)."""
     out = np.empty(ds.shape[1:], dtype=ds.dtype)
     ds.read_direct(out, np.s_[index])
@@ -143,7 +150,7 @@ class SwmrFrameReader:
                         ds.refresh()
                         n = ds.shape[0]
                         if n > index:
-                            return _read_row(ds, index)
+                            return read_row(ds, index)
                     last = f"dataset {dataset!r} holds {n} frames"
             except (OSError, KeyError) as exc:
                 last = f"{type(exc).__name__}: {exc}"

@@ -41,7 +41,7 @@ from ophyd_async.core import (
 )
 from ophyd_async.sim import SimMotor
 
-from ..h5live import _read_row, register_local_writer, unregister_local_writer
+from ..h5live import read_row, register_local_writer, unregister_local_writer
 
 __all__ = [
     "DATA_PATH",
@@ -134,7 +134,7 @@ class _FrameFile:
         with self.lock:
             if self._closed or index >= self.count:
                 return None
-            return _read_row(self.file[dataset], index)
+            return read_row(self.file[dataset], index)
 
     def close(self) -> None:
         """Close the file (idempotent); later reads open it as any other file."""
