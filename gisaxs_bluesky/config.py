@@ -31,7 +31,8 @@ class ModelConfig:
     in_channels: int = 8  # see gisaxs_bluesky.models.preprocess.CHANNELS
     base_channels: int = 16
     identity_dim: int = 16  # latent part that carries structure / radius / distance
-    noise_dim: int = 8  # latent part that carries the noise kinds
+    noise_dim: int = 16  # latent part that carries the noise kinds (8 was a bottleneck for 10)
+    noise_hidden: int = 256  # hidden layer between the pooled features and the noise latent
     n_noise_kinds: int = 10
     n_structures: int = 5
     refine_channels: int = 16  # the denoiser that refines the decoder's pattern at 256 x 256

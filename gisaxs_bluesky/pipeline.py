@@ -29,6 +29,7 @@ __all__ = [
     "UNPROCESSED_BIN",
     "BinningPipeline",
     "PipelineResult",
+    "PreparedFrames",
     "check_frame",
 ]
 
@@ -87,10 +88,27 @@ class PipelineResult:
         return len(self.rows["seq_num"])
 
 
+@dataclass
+class PreparedFrames:
+    """Frames checked and preprocessed by :meth:`BinningPipeline.prepare`, ready for the model."""
+
+    seq: np.ndarray  # seq_num of every frame given, good or not
+    idx: np.ndarray  # positions (in ``seq``) of the frames that passed the checks
+    inputs: np.ndarray | None  # (len(idx), C, h, w) model input of those frames
+    errors: list[str] = field(default_factory=list)
+    shape: tuple[int, ...] | None = None  # the good frames' shape
+
+    def __len__(self) -> int:
+        return len(self.seq)
+
+
 class BinningPipeline:
     """Encode frames with ``encoder`` and bin identity latents with ``binner``.
 
-    Not thread-safe: one thread (the callback's worker, or replay) calls :meth:`process`,
+    :meth:`process` = :meth:`prepare` (checks and preprocessing: no model, no binner state,
+    so it may run on another thread, e.g. for the next batch while this one is encoded) then
+    :meth:`process_prepared` (model pass and binning). Binning is not thread-safe: one thread
+    (the callback's worker, or replay) calls :meth:`process_prepared`, in frame order,
     because the binner's state changes as frames join bins.
     """
 
@@ -161,19 +179,20 @@ class BinningPipeline:
         ``frames`` is a sequence of arrays (None for a frame that could not be read) or an
         (N, H, W) array; ``positions`` maps motor name -> N values (NaN where unknown).
         """
-        seq = np.asarray(seq_nums, dtype=np.int64).reshape(-1)
-        n = len(seq)
-        t = np.asarray(times, dtype=np.float64).reshape(-1)
-        if len(t) != n or len(frames) != n:
-            raise ValueError(f"frames ({len(frames)}), seq_nums ({n}), times ({len(t)}) differ")
-        pos: dict[str, np.ndarray] = {}
-        for name, values in (positions or {}).items():
-            v = np.asarray(values, dtype=np.float64).reshape(-1)
-            if len(v) != n:
-                raise ValueError(f"positions[{name!r}] has {len(v)} values, expected {n}")
-            pos[str(name)] = v
+        prepared = self.prepare(frames, seq_nums, expected_shape=expected_shape)
+        return self.process_prepared(prepared, times, positions)
 
-        rows = self._empty_rows(seq, t, pos)
+    def prepare(
+        self,
+        frames: Sequence[Any] | np.ndarray,
+        seq_nums: Sequence[int] | np.ndarray,
+        *,
+        expected_shape: tuple[int, ...] | None = None,
+    ) -> PreparedFrames:
+        """Check and preprocess N frames (thread-safe: touches neither model nor binner)."""
+        seq = np.asarray(seq_nums, dtype=np.int64).reshape(-1)
+        if len(frames) != len(seq):
+            raise ValueError(f"frames ({len(frames)}), seq_nums ({len(seq)}) differ")
         errors: list[str] = []
         good_idx: list[int] = []
         good_frames: list[np.ndarray] = []
@@ -194,11 +213,43 @@ class BinningPipeline:
             expected_shape = expected_shape or a.shape
             good_idx.append(i)
             good_frames.append(a)
+        idx = np.asarray(good_idx, dtype=np.int64)
         if not good_idx:
-            return PipelineResult(rows, errors)
-        idx = np.asarray(good_idx)
+            return PreparedFrames(seq, idx, None, errors, expected_shape)
         try:
-            enc = self.encoder.encode(good_frames, self.mask, batch_size=self.batch_size)
+            inputs = self.encoder.preprocess(good_frames, self.mask)
+        except Exception as exc:  # noqa: BLE001 - e.g. a frame smaller than the model input
+            logger.exception("preprocessing failed for %d frames", len(idx))
+            errors.append(f"preprocessing error for frames seq_num={seq[idx].tolist()}: "
+                          f"{type(exc).__name__}: {exc}")
+            return PreparedFrames(seq, idx[:0], None, errors, expected_shape)
+        return PreparedFrames(seq, idx, inputs, errors, expected_shape)
+
+    def process_prepared(
+        self,
+        prepared: PreparedFrames,
+        times: Sequence[float] | np.ndarray,
+        positions: Mapping[str, Sequence[float] | np.ndarray] | None = None,
+    ) -> PipelineResult:
+        """Model pass and binning of :meth:`prepare`'s output; one row per frame."""
+        seq = prepared.seq
+        n = len(seq)
+        t = np.asarray(times, dtype=np.float64).reshape(-1)
+        if len(t) != n:
+            raise ValueError(f"frames ({n}), seq_nums ({n}), times ({len(t)}) differ")
+        pos: dict[str, np.ndarray] = {}
+        for name, values in (positions or {}).items():
+            v = np.asarray(values, dtype=np.float64).reshape(-1)
+            if len(v) != n:
+                raise ValueError(f"positions[{name!r}] has {len(v)} values, expected {n}")
+            pos[str(name)] = v
+        rows = self._empty_rows(seq, t, pos)
+        errors = list(prepared.errors)
+        idx = prepared.idx
+        if prepared.inputs is None or not len(idx):
+            return PipelineResult(rows, errors)
+        try:
+            enc = self.encoder.encode_inputs(prepared.inputs, batch_size=self.batch_size)
             if len(enc) != len(idx):
                 raise RuntimeError(f"encoder returned {len(enc)} rows for {len(idx)} frames")
         except Exception as exc:  # noqa: BLE001 - a model fault must not stop the scan

@@ -12,7 +12,8 @@ Tiled), ``scan_id``, ``model`` {name, version, sha256}, ``model_id`` ("name-vers
 (running/complete/failed), ``created``/``updated`` (unix time), ``n_frames``,
 ``bin_summary`` {ids, counts}, ``bin_ids`` (list), ``bin_counts`` ({"<id>": count},
 searchable with ``KeyPresent("bin_counts.<id>")``), ``outlier_count``, ``has_outliers``,
-``errors`` (bounded list) and any ``extra_metadata``.
+``errors`` (bounded list) and any ``extra_metadata``. The summary fields follow the rows at most
+every ``summary_interval`` s (1 s) during a run and exactly at ``flush``/``finish``.
 
 Table columns: ``seq_num`` int64, ``time`` float64, ``bin_id`` int64, ``outlier_score``
 float32, ``is_outlier`` bool, ``recon_error`` float32, ``latent_<i>`` float32 (i <
@@ -305,6 +306,9 @@ class DerivedRunWriter:
         self._user_md: dict[str, Any] = self._backup.pending_metadata()
         self._md_dirty = bool(self._user_md)
         self._errors: list[str] = []
+        # when the bin summary was last pushed (monotonic s), and whether it is behind the rows
+        self._summary_at = -float("inf")
+        self._summary_stale = False
         self.flushed_at_open = 0  # rows re-sent from the backup while opening
         self._connect()
         if self._backup.chunks() or self._md_dirty:
@@ -355,9 +359,14 @@ class DerivedRunWriter:
         md.update(p.get("extra_metadata") or {})
         return _jsonable(md)
 
-    def _connect(self) -> bool:
-        """Probe Tiled, then open (or create) node and table; False when Tiled is unreachable."""
-        if not self.store.reachable():
+    def _connect(self, probe: bool = True) -> bool:
+        """Probe Tiled, then open (or create) node and table; False when Tiled is unreachable.
+
+        The probe (one request without retries) keeps a dead server from stalling the writer
+        for tens of seconds in the client's retries. ``probe=False`` skips it for a request that
+        follows one Tiled has just answered.
+        """
+        if probe and not self.store.reachable():
             self._node = self._table = None
             return False
         if self._table is not None:
@@ -422,7 +431,7 @@ class DerivedRunWriter:
         known = self.stored_seq_nums | self._backup.seq_nums()
         keep &= np.array([int(s) not in known for s in seq], dtype=bool)
         cols = _select(cols, keep)
-        self.flush()
+        self.flush(summary=False)
         if len(cols["seq_num"]) == 0:
             return
         if self._backup.chunks() or not self._send(cols):
@@ -434,7 +443,10 @@ class DerivedRunWriter:
             )
             self._md_dirty = True
             return
-        self._push_metadata()
+        if time.monotonic() - self._summary_at >= self.store.summary_interval:
+            self._push_metadata(probe=False)  # Tiled has just taken the rows
+        else:  # sent with the next append after the interval, a flush or finish
+            self._summary_stale = True
 
     def _send(self, cols: Mapping[str, np.ndarray]) -> bool:
         """Append columns to the table; False on server fault."""
@@ -453,8 +465,11 @@ class DerivedRunWriter:
         self._outliers += int(np.asarray(cols["is_outlier"], dtype=bool).sum())
         return True
 
-    def flush(self) -> int:
-        """Send backed-up rows and pending metadata to Tiled; return rows sent (never raises on faults)."""
+    def flush(self, summary: bool = True) -> int:
+        """Send backed-up rows and pending metadata to Tiled; return rows sent (never raises on faults).
+
+        ``summary``: also push a bin summary held back by ``summary_interval``.
+        """
         chunks = self._backup.chunks()
         sent = 0
         if chunks:
@@ -476,7 +491,7 @@ class DerivedRunWriter:
                     return sent
                 sent += len(cols["seq_num"])
                 path.unlink()
-        if self._md_dirty or sent:
+        if self._md_dirty or sent or (summary and self._summary_stale):
             self._push_metadata()
         if not self._backup.chunks() and not self._md_dirty:
             self._backup.cleanup()
@@ -496,10 +511,10 @@ class DerivedRunWriter:
             "updated": time.time(),
         }
 
-    def _push_metadata(self) -> bool:
+    def _push_metadata(self, probe: bool = True) -> bool:
         """Send auto summaries + user metadata; keep user metadata on disk on server fault."""
         md = _jsonable({**self._auto_metadata(), **self._user_md})
-        ok = self._connect()
+        ok = self._connect(probe or self._table is None)
         if ok:
             try:
                 self._node.update_metadata(metadata=md)
@@ -510,7 +525,8 @@ class DerivedRunWriter:
                 self._node = self._table = None
                 ok = False
         if ok:
-            self._md_dirty = False
+            self._summary_at = time.monotonic()
+            self._md_dirty = self._summary_stale = False
             self._backup.set_pending_metadata({})
         else:
             self._md_dirty = True
@@ -563,11 +579,17 @@ class DerivedStore:
         root: str = "gisaxs_derived",
         backup_dir: str | Path | None = None,
         probe_timeout: float = 2.0,
+        summary_interval: float = 1.0,
     ) -> None:
+        if summary_interval < 0:
+            raise ValueError(f"summary_interval={summary_interval} must be >= 0")
         self.client = client
         self.root = root
         self.backup_dir = Path(backup_dir) if backup_dir is not None else default_backup_dir()
         self.probe_timeout = probe_timeout
+        # a node's bin summary (n_frames, bin counts, outliers) is updated with the rows at most
+        # this often (s); flush/finish bring it up to date. Each update is one metadata write.
+        self.summary_interval = float(summary_interval)
         try:
             if self.reachable():
                 self.root_node()

@@ -72,7 +72,7 @@ def test_bad_frames_get_unprocessed_rows(encoder):
 
 def test_model_error_is_reported_not_raised(encoder):
     class Broken(Encoder):
-        def encode(self, *a, **k):
+        def encode_inputs(self, *a, **k):
             raise RuntimeError("weights corrupted")
 
     broken = Broken(encoder.model, encoder.card, "cpu")

@@ -120,6 +120,36 @@ def test_reappend_and_reopen_give_no_duplicates(store, tiled_client):
     assert w2.node.metadata["n_frames"] == 10
 
 
+def test_bin_summary_follows_rows_at_most_every_summary_interval(tiled_client, tmp_path):
+    store = DerivedStore(tiled_client, backup_dir=tmp_path / "backup", summary_interval=3600)
+    w = open_writer(store)
+
+    def metadata():  # a fresh read (a client node keeps the metadata it was fetched with)
+        return tiled_client["gisaxs_derived"][w.key].metadata
+
+    w.append(make_rows(range(0, 4)))  # the first summary goes out at once
+    assert metadata()["n_frames"] == 4
+    w.append(make_rows(range(4, 8)))  # rows stored, summary held back (one write saved)
+    w.append(make_rows(range(8, 12)))
+    assert len(w.read()["seq_num"]) == 12
+    md = metadata()
+    assert md["n_frames"] == 4 and md["bin_summary"] == {"ids": [0, 1, 2], "counts": [2, 1, 1]}
+    w.flush()  # brings it up to date
+    md = metadata()
+    assert md["n_frames"] == 12 and md["bin_summary"] == {"ids": [0, 1, 2], "counts": [4, 4, 4]}
+    w.append(make_rows(range(12, 16)))
+    w.finish("complete")
+    assert metadata()["n_frames"] == 16 and metadata()["status"] == "complete"
+
+    every = DerivedStore(tiled_client, backup_dir=tmp_path / "backup", summary_interval=0)
+    w2 = open_writer(every, raw_uid="raw-uid-2")
+    for a in (0, 4, 8):
+        w2.append(make_rows(range(a, a + 4)))
+        assert tiled_client["gisaxs_derived"][w2.key].metadata["n_frames"] == a + 4
+    with pytest.raises(ValueError, match="summary_interval"):
+        DerivedStore(tiled_client, backup_dir=tmp_path / "backup", summary_interval=-1)
+
+
 def test_structure_int_roundtrip_and_update_metadata(store):
     w = open_writer(store)
     w.append(make_rows(range(3), structure=2))

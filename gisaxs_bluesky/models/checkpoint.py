@@ -93,7 +93,8 @@ def load_checkpoint(
         card = {**card, **on_disk}
     card["sha256"] = file_sha256(path)
     try:
-        config = ModelConfig(**card["model"])
+        # cards written before noise_hidden existed had a 64-unit layer there
+        config = ModelConfig(**{"noise_hidden": 64, **card["model"]})
         PreprocessConfig(**{k: tuple(v) if isinstance(v, list) else v
                             for k, v in card.get("preprocess", {}).items()})
     except (TypeError, KeyError) as exc:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
@@ -58,10 +60,8 @@ class GisaxsDAE(nn.Module):
             nn.Linear(128, config.identity_dim),
         )
         pooled = 3 * (c + 2 * c + 4 * c) + config.in_channels * 4
-        self.to_noise = nn.Sequential(
-            nn.Linear(pooled + self.flat_dim, 64), nn.SiLU(), nn.Linear(64, config.noise_dim)
-        )
-        self.noise_head = nn.Linear(config.noise_dim, config.n_noise_kinds)
+        self.noise_in = pooled + self.flat_dim
+        self.to_noise, self.noise_head = self._noise_branch(config)
         self.structure_head = nn.Sequential(
             nn.Linear(config.identity_dim, 64), nn.SiLU(), nn.Linear(64, config.n_structures)
         )
@@ -84,6 +84,22 @@ class GisaxsDAE(nn.Module):
             nn.Conv2d(r, 2, 3, padding=1),
         )
 
+    def _noise_branch(self, config: ModelConfig) -> tuple[nn.Sequential, nn.Linear]:
+        h = config.noise_hidden
+        to_noise = nn.Sequential(
+            nn.Linear(self.noise_in, h), nn.SiLU(), nn.Linear(h, config.noise_dim)
+        )
+        return to_noise, nn.Linear(config.noise_dim, config.n_noise_kinds)
+
+    def replace_noise_branch(self, noise_hidden: int, noise_dim: int) -> None:
+        """A new, freshly initialised noise branch (``to_noise``, ``noise_head``) of these sizes;
+        ``config`` follows. Training uses it to refit the branch on frozen features."""
+        self.config = dataclasses.replace(self.config, noise_hidden=noise_hidden,
+                                          noise_dim=noise_dim)
+        device = self.noise_head.weight.device
+        to_noise, head = self._noise_branch(self.config)
+        self.to_noise, self.noise_head = to_noise.to(device), head.to(device)
+
     def denoise(self, recon: torch.Tensor, fine: torch.Tensor) -> torch.Tensor:
         """Clean log intensity at the fine resolution from the (N, 64, 64) decoder output and the
         (N, 2, H, W) measured log intensity and valid fraction (H, W an integer multiple).
@@ -100,11 +116,12 @@ class GisaxsDAE(nn.Module):
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(N, 8, 128, 128) -> (z_identity (N, Di), z_noise (N, Dn))."""
-        f1 = self.stem(x)
-        f2 = self.block2(f1)
-        f3 = self.block3(f2)
-        f4 = self.block4(f3)
-        z_id = self.to_identity(f4)
+        f4, noise_in = self.features(x)
+        return self.to_identity(f4), self.to_noise(noise_in)
+
+    @staticmethod
+    def noise_features(x, f1, f2, f3, f4) -> torch.Tensor:
+        """What the noise branch sees: pooled input and early features, and the 8 x 8 map."""
         # max / min / mean pooling keeps single-pixel artefacts and dark shadows; the 8 x 8 map
         # keeps where they are (a beamstop shadow off its place, a streak through the beam)
         pooled = []
@@ -113,8 +130,15 @@ class GisaxsDAE(nn.Module):
         # frame totals on a log scale: a few dozen dead pixels or track pixels in a million
         # are a mean of 1e-4 per block, too small to see, but a clear log-count
         pooled.append(torch.log1p(x.clamp_min(0).sum(dim=(2, 3))))
-        z_noise = self.to_noise(torch.cat(pooled + [f4.flatten(1)], dim=1))
-        return z_id, z_noise
+        return torch.cat(pooled + [f4.flatten(1)], dim=1)
+
+    def features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(f4, noise features): the inputs of the identity and noise branches."""
+        f1 = self.stem(x)
+        f2 = self.block2(f1)
+        f3 = self.block3(f2)
+        f4 = self.block4(f3)
+        return f4, self.noise_features(x, f1, f2, f3, f4)
 
     def decode(self, z_id: torch.Tensor) -> torch.Tensor:
         c = self.config.base_channels

@@ -191,6 +191,16 @@ class Encoder:
                 parts.append(self.encode_preprocessed(x, fine=fine, return_denoised=True))
             else:
                 parts.append(self.encode_preprocessed(self.preprocess(chunk, mask)))
+        return self._result(parts)
+
+    def encode_inputs(self, x: np.ndarray, *, batch_size: int = 64) -> EncodeResult:
+        """Encode already preprocessed (N, 8, h, w) inputs (:meth:`preprocess`), in batches."""
+        if len(x) == 0:
+            raise ValueError("inputs are empty: nothing to encode")
+        return self._result([self.encode_preprocessed(x[s : s + batch_size])
+                             for s in range(0, len(x), batch_size)])
+
+    def _result(self, parts: list[dict[str, np.ndarray]]) -> EncodeResult:
         merged = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
         return EncodeResult(
             identity_dim=self.identity_dim,

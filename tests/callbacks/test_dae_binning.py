@@ -175,15 +175,15 @@ def test_event_and_event_page_paths_give_same_rows(RE, tiled_client, tmp_path):
 
 
 class FailingEncoder(Encoder):
-    """Real encoder whose second encode call raises (one failing batch)."""
+    """Real encoder whose second model pass raises (one failing batch)."""
 
     calls = 0
 
-    def encode(self, frames, mask=None, **kwargs):
+    def encode_inputs(self, x, **kwargs):
         self.calls += 1
         if self.calls == 2:
             raise RuntimeError("simulated CUDA out of memory")
-        return super().encode(frames, mask, **kwargs)
+        return super().encode_inputs(x, **kwargs)
 
 
 def test_inference_exception_does_not_abort_scan_and_is_recorded(RE, tiled_client, tmp_path):
@@ -279,9 +279,9 @@ def test_tiled_down_mid_scan_loses_no_rows(RE, tiled_server, tmp_path):
 
 def test_queue_full_spills_to_disk_and_loses_nothing(RE, tiled_client, tmp_path):
     class SlowEncoder(Encoder):
-        def encode(self, frames, mask=None, **kwargs):
+        def encode_inputs(self, x, **kwargs):
             time.sleep(0.3)
-            return super().encode(frames, mask, **kwargs)
+            return super().encode_inputs(x, **kwargs)
 
     torch.manual_seed(0)
     enc = SlowEncoder(GisaxsDAE(), {"name": "untrained", "version": "0"}, "cpu")
@@ -298,14 +298,67 @@ def test_queue_full_spills_to_disk_and_loses_nothing(RE, tiled_client, tmp_path)
     assert not list((tmp_path / "spill").rglob("*.npy"))
 
 
+class FirstCallSlowEncoder(Encoder):
+    """Real encoder whose first batch takes 0.5 s, so that the rest of a fed scan queues up."""
+
+    calls = 0
+
+    def encode_inputs(self, x, **kwargs):
+        self.calls += 1
+        if self.calls == 1:
+            time.sleep(0.5)
+        return super().encode_inputs(x, **kwargs)
+
+
+@pytest.mark.parametrize("max_write_rows", [256, 8])
+def test_writes_gather_behind_a_backlog(RE, tiled_client, tmp_path, monkeypatch, max_write_rows):
+    """A recorded scan fed at once: batches of 4 queue behind the first, and their rows go to
+    Tiled in writes of up to max_write_rows when the queue runs dry, not one write per batch."""
+    from gisaxs_bluesky.store import DerivedRunWriter
+
+    sizes: list[int] = []
+    real_append = DerivedRunWriter.append
+
+    def recording_append(self, rows):  # a spy: the real append runs
+        sizes.append(len(rows["seq_num"]))
+        return real_append(self, rows)
+
+    monkeypatch.setattr(DerivedRunWriter, "append", recording_append)
+    docs = _inline_docs(RE, blob_frames(24))
+    torch.manual_seed(0)
+    enc = FirstCallSlowEncoder(GisaxsDAE(), {"name": "untrained", "version": "0"}, "cpu")
+    cb = make_callback(tiled_client, tmp_path, enc, batch_size=4, max_write_rows=max_write_rows,
+                       write_interval=60)
+    for name, doc in docs:
+        cb(name, doc)
+    assert cb.wait(60)
+    assert enc.calls >= 6  # batches of at most 4 ...
+    assert sum(sizes) == 24 and len(sizes) < enc.calls  # ... in fewer writes
+    if max_write_rows == 256:
+        assert len(sizes) <= 2
+    else:  # a write once 8 rows wait (a batch may bring it to 11); the rest at the end
+        assert all(8 <= s <= 11 for s in sizes[:-1]) and sizes[-1] <= 11
+    node = derived_node(tiled_client, docs[0][1]["uid"])
+    assert read_rows(node)["seq_num"].tolist() == list(range(1, 25))
+    assert node.metadata["n_frames"] == 24 and node.metadata["status"] == "complete"
+    with pytest.raises(ValueError, match="max_write_rows"):
+        make_callback(tiled_client, tmp_path, enc, max_write_rows=0)
+
+
 def test_runengine_thread_is_not_blocked_by_inference(RE, tiled_client, tmp_path):
-    """Documents are handled in milliseconds; encoding runs on the worker thread."""
+    """Documents are handled in milliseconds; encoding runs on the worker thread, frame
+    preprocessing on the worker or its look-ahead thread, never on the RunEngine's."""
     seen: list[str] = []
+    prepared_on: list[str] = []
 
     class RecordingEncoder(Encoder):
-        def encode(self, frames, mask=None, **kwargs):
+        def encode_inputs(self, x, **kwargs):
             seen.append(threading.current_thread().name)
-            return super().encode(frames, mask, **kwargs)
+            return super().encode_inputs(x, **kwargs)
+
+        def preprocess(self, frames, mask=None):
+            prepared_on.append(threading.current_thread().name)
+            return super().preprocess(frames, mask)
 
     torch.manual_seed(0)
     enc = RecordingEncoder(GisaxsDAE(), {"name": "untrained", "version": "0"}, "cpu")
@@ -315,6 +368,7 @@ def test_runengine_thread_is_not_blocked_by_inference(RE, tiled_client, tmp_path
     RE(bp.scan([InlineDetector(blob_frames(3))], x, 0.0, 1.0, 3))
     assert cb.wait(30)
     assert seen and set(seen) == {"dae-binning"}
+    assert prepared_on and set(prepared_on) <= {"dae-binning", "dae-binning-prepare_0"}
 
 
 def test_binner_state_persists_across_scans(RE, tiled_client, tmp_path):

@@ -153,6 +153,23 @@ def test_corrupt_truncated_and_mismatched_checkpoints_fail_clearly(tmp_path, enc
         load_checkpoint(path)
 
 
+def test_checkpoint_from_before_noise_hidden_loads(tmp_path):
+    """Cards written before ``noise_hidden`` existed had a 64-unit noise layer and no entry."""
+    old = GisaxsDAE(ModelConfig(noise_dim=8, noise_hidden=64))
+    path = tmp_path / "old.pt"
+    save_checkpoint(path, old, dict(CARD))
+    payload = torch.load(path, weights_only=True)
+    del payload["card"]["model"]["noise_hidden"]
+    torch.save(payload, path)
+    (tmp_path / "old.json").unlink()
+    model, card, _ = load_checkpoint(path)
+    assert model.config.noise_hidden == 64 and model.config.latent_dim == 24
+    x = torch.randn(2, 8, 128, 128)
+    old.eval(), model.eval()
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x)["noise_logits"], old(x)["noise_logits"])
+
+
 def test_binner_groups_opens_flags_and_round_trips(tmp_path):
     rng = np.random.default_rng(0)
     centres = np.array([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])

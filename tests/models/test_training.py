@@ -6,9 +6,18 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from gisaxs_bluesky.models import load_encoder
-from gisaxs_bluesky.models.train import TrainConfig, TrainingData, predict, train, train_denoiser
+from gisaxs_bluesky.models.train import (
+    TrainConfig,
+    TrainingData,
+    autocast_dtype,
+    predict,
+    refit_noise_head,
+    train,
+    train_denoiser,
+)
 from gisaxs_bluesky.sim.dataset import DatasetSpec, generate
 
 
@@ -85,3 +94,51 @@ def test_denoiser_fine_tune_changes_only_the_denoiser(tiny_sets, tmp_path):
         np.testing.assert_array_equal(out_a[key], out_b[key])
     assert out_b["denoised"].shape == (6, 256, 256)
     assert np.abs(out_a["denoised"] - out_b["denoised"]).max() > 1e-3
+
+
+def test_noise_branch_refit_changes_only_the_noise_branch(tiny_sets, tmp_path):
+    train_path, val_path = tiny_sets
+    base = tmp_path / "base.pt"
+    cfg = TrainConfig(epochs=1, batch_identities=10, seed=0, noise_refit_epochs=0)
+    card = train(train_path, base, config=cfg, device="cpu", progress=False)
+    assert "noise_head_training" not in card
+    encoder = load_encoder(base, device="cpu")
+    model, device = encoder.model, encoder.device
+    data, val = TrainingData(train_path), TrainingData(val_path)
+    before = predict(model, val.inputs, device)
+    report = refit_noise_head(model, data, device, epochs=15, progress=False)
+    after = predict(model, val.inputs, device)
+    assert report["epochs"] == 15 and report["frames"] == 2 * len(data)  # + mirror images
+    assert report["loss"][-1] < 0.8 * report["loss"][0]
+    # identity, reconstruction and sizes untouched; the noise kinds moved and beat chance
+    for key in ("z_identity", "recon", "recon_error", "structure", "radius", "distance"):
+        np.testing.assert_array_equal(before[key], after[key], err_msg=key)
+    assert np.abs(before["noise_prob"] - after["noise_prob"]).max() > 0.05
+    truth = val.noise.numpy() > 0.5
+    scores = [auroc(after["noise_prob"][:, k], truth[:, k]) for k in range(truth.shape[1])
+              if 3 <= truth[:, k].sum() <= len(truth) - 3]
+    assert len(scores) >= 6 and np.mean(scores) > 0.7, scores
+
+    # as the last phase of `train`: recorded in the card, metrics from after the refit
+    out = tmp_path / "refit.pt"
+    cfg = TrainConfig(epochs=1, batch_identities=10, seed=0, noise_refit_epochs=3)
+    card = train(train_path, out, val_path=val_path, config=cfg, device="cpu", progress=False)
+    assert card["noise_head_training"]["epochs"] == 3
+    assert card["metrics"] == card["noise_head_training"]["val"]
+    assert set(card["metrics"]["noise_f1"]) == set(card["noise_kinds"])
+    # the joint epochs ran with the small branch; the refit gave the model its full-size one
+    assert card["history"][-1]["val"] != card["metrics"]
+    assert (card["model"]["noise_hidden"], card["model"]["noise_dim"]) == (256, 16)
+    refit = load_encoder(out, device="cpu")
+    assert refit.latent_dim == 16 + 16 and len(refit.encode(np.ones((1, 160, 150))).latent[0]) == 32
+
+
+def test_precision_choices():
+    cpu = torch.device("cpu")
+    assert autocast_dtype("fp32", cpu) is None
+    assert autocast_dtype("bf16", cpu) == torch.bfloat16
+    assert autocast_dtype("auto", cpu) in (None, torch.bfloat16)  # bf16 where the CPU has it
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        autocast_dtype("fp16", cpu)
+    with pytest.raises(ValueError, match="precision='half'"):
+        autocast_dtype("half", cpu)
