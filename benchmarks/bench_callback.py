@@ -143,6 +143,8 @@ def main() -> None:
     parser.add_argument("--distinct", type=int, default=16, help="distinct cached frames")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-timeout", type=float, default=None,
+                        help="the callback's batch_timeout, s (default: the callback's)")
     parser.add_argument("--untrained", action="store_true", help="random weights")
     parser.add_argument("--repeats", type=int, default=2, help="scans per configuration")
     parser.add_argument("--exposure", type=float, default=0.0,
@@ -192,6 +194,7 @@ def main() -> None:
             return DAEBinningCallback(
                 client, encoder=encoder, binner=make_binner(encoder), write_lock=lock,
                 batch_size=args.batch_size, backup_dir=workdir / "backup",
+                **({} if args.batch_timeout is None else {"batch_timeout": args.batch_timeout}),
                 spill_dir=workdir / "spill",
             )
 
