@@ -120,7 +120,8 @@ class Encoder:
 
     def __init__(self, model: GisaxsDAE, card: dict, device: str | torch.device = "auto") -> None:
         self.device = resolve_device(device)
-        self.model = model.to(self.device).eval()
+        # channels-last: oneDNN / cuDNN convolutions run faster on it (~10 % on CPU)
+        self.model = model.to(self.device, memory_format=torch.channels_last).eval()
         self.card = card
         self.preprocess_config = PreprocessConfig(
             **{k: tuple(v) if isinstance(v, list) else v for k, v in card.get("preprocess", {}).items()}
@@ -158,7 +159,8 @@ class Encoder:
         frames = _as_frames(frames)
         cfg = self.preprocess_config
         if len(frames) == 1:
-            return preprocess(frames[0], mask, cfg)[None]
+            # one frame: its two halves on two threads (the compiled passes release the GIL)
+            return _preprocess(frames[0], mask, cfg, pool=self._pool)[0][None]
         return np.stack(list(self._pool.map(lambda f: preprocess(f, mask, cfg), frames)))
 
     def preprocess_with_fine(self, frames, mask: np.ndarray | None = None

@@ -1,11 +1,14 @@
 """Detector frame -> model input: masks, masked block means, dose normalisation, log.
 
 One compiled pass over the detector pixels (numba, GIL released, so two frames preprocess in
-parallel) gathers every per-block statistic the model needs; a second pass looks only at the
-pixels the first pass marks as suspicious (single bright pixels, zeros among bright neighbours).
+parallel, or one frame's two halves) gathers every per-block statistic the model needs; a
+second pass looks only at the pixels the first pass marks as suspicious (single bright pixels,
+zeros among bright neighbours).
 """
 
 from __future__ import annotations
+
+from concurrent.futures import Executor
 
 import numba
 import numpy as np
@@ -49,8 +52,9 @@ def _is_flag(x: float) -> bool:
 
 
 @numba.njit(cache=True, nogil=True)
-def _block_stats(frame, mask, has_mask, r_idx, c_idx, h, w):  # pragma: no cover - compiled
-    """Pass 1: per block sum, valid, flagged, zero, negative counts and maximum."""
+def _block_stats(frame, mask, has_mask, r_idx, c_idx, h, w, row0, row1):  # pragma: no cover
+    """Pass 1 over rows [row0, row1): per block sum, valid, flagged, zero, negative counts and
+    maximum."""
     total = np.zeros((h, w))
     n_valid = np.zeros((h, w))
     n_flagged = np.zeros((h, w))
@@ -58,7 +62,7 @@ def _block_stats(frame, mask, has_mask, r_idx, c_idx, h, w):  # pragma: no cover
     n_negative = np.zeros((h, w))
     block_max = np.zeros((h, w))
     rows, cols = frame.shape
-    for i in range(rows):
+    for i in range(row0, row1):
         bi = r_idx[i]
         for j in range(cols):
             bj = c_idx[j]
@@ -90,15 +94,15 @@ def _valid_value(frame, mask, has_mask, i, j):  # pragma: no cover - compiled
 
 
 @numba.njit(cache=True, nogil=True)
-def _spike_stats(frame, mask, has_mask, r_idx, c_idx, mean, dead_mean):  # pragma: no cover
-    """Pass 2: per block the largest value two adjacent pixels both reach (tracks, blobs: not
-    single hot pixels), and the number of zeros whose valid 4-neighbours are all non-zero and
-    average >= dead_mean."""
+def _spike_stats(frame, mask, has_mask, r_idx, c_idx, mean, dead_mean, row0, row1):  # pragma: no cover
+    """Pass 2 over rows [row0, row1) (neighbours read beyond them): per block the largest value
+    two adjacent pixels both reach (tracks, blobs: not single hot pixels), and the number of
+    zeros whose valid 4-neighbours are all non-zero and average >= dead_mean."""
     h, w = mean.shape
     pair_max = np.zeros((h, w))
     n_dead = np.zeros((h, w))
     rows, cols = frame.shape
-    for i in range(rows):
+    for i in range(row0, row1):
         bi = r_idx[i]
         for j in range(cols):
             bj = c_idx[j]
@@ -191,22 +195,38 @@ def preprocess(
     return _preprocess(frame, mask, config)[0]
 
 
-def _preprocess(frame, mask, config) -> tuple[np.ndarray, float]:
+def _in_halves(pool: Executor | None, fn, rows: int, split: int, *args) -> list:
+    """``fn(*args, row0, row1)`` over all rows, or over two halves split at ``split`` (a block
+    row's first row, so no block straddles it: sums add up in the same order) with one half
+    on ``pool``; the per-block results of the halves, element-wise combined by the caller."""
+    if pool is None:
+        return [fn(*args, 0, rows)]
+    other = pool.submit(fn, *args, split, rows)
+    return [fn(*args, 0, split), other.result()]
+
+
+def _preprocess(frame, mask, config, pool: Executor | None = None) -> tuple[np.ndarray, float]:
     config = config or PreprocessConfig()
     frame = _check_frame(frame)
     mask, has_mask = _check_mask(mask, frame.shape)
     h, w = config.out_shape
-    block_edges(frame.shape[0], h), block_edges(frame.shape[1], w)  # size check
+    edges = block_edges(frame.shape[0], h)
+    block_edges(frame.shape[1], w)  # size check
     r_idx, c_idx = _index(frame.shape[0], h), _index(frame.shape[1], w)
-    total, n_valid, n_flagged, n_zero, n_negative, block_max = _block_stats(
-        frame, mask, has_mask, r_idx, c_idx, h, w)
+    split = int(edges[h // 2])
+    parts = _in_halves(pool, _block_stats, frame.shape[0], split,
+                       frame, mask, has_mask, r_idx, c_idx, h, w)
+    total, n_valid, n_flagged, n_zero, n_negative = (sum(p[k] for p in parts) for k in range(5))
+    block_max = np.maximum.reduce([p[5] for p in parts])
     counts = np.bincount(r_idx, minlength=h)[:, None] * np.bincount(c_idx, minlength=w)[None, :]
     valid_frac = n_valid / counts
     good = valid_frac >= config.min_valid_fraction
     mean = np.where(good, total / np.maximum(n_valid, 1), 0)
     scale = max(float(np.median(mean[good])) if good.any() else 1.0, 1e-3)
-    pair_max, n_dead = _spike_stats(frame, mask, has_mask, r_idx, c_idx, mean,
-                                     _DEAD_NEIGHBOUR_MEAN)
+    parts = _in_halves(pool, _spike_stats, frame.shape[0], split,
+                       frame, mask, has_mask, r_idx, c_idx, mean, _DEAD_NEIGHBOUR_MEAN)
+    pair_max = np.maximum.reduce([p[0] for p in parts])
+    n_dead = sum(p[1] for p in parts)
     log_i = np.where(good, np.log1p(mean / scale), 0)
     log_max = np.where(good, np.log1p(block_max / scale) - log_i, 0)
     log_pair = np.where(good & (pair_max > 0), np.log1p(pair_max / scale) - log_i, 0)
@@ -249,7 +269,8 @@ def preprocess_fine(
     h, w = shape
     block_edges(frame.shape[0], h), block_edges(frame.shape[1], w)
     r_idx, c_idx = _index(frame.shape[0], h), _index(frame.shape[1], w)
-    total, n_valid = _block_stats(frame, mask, has_mask, r_idx, c_idx, h, w)[:2]
+    total, n_valid = _block_stats(frame, mask, has_mask, r_idx, c_idx, h, w, 0,
+                                  frame.shape[0])[:2]
     counts = np.bincount(r_idx, minlength=h)[:, None] * np.bincount(c_idx, minlength=w)[None, :]
     valid = n_valid / counts
     good = valid >= 0.25

@@ -65,6 +65,26 @@ def test_preprocess_tells_tracks_from_hot_pixels_and_finds_dead_pixels():
     assert fine[0].mean() == pytest.approx(np.log(2), abs=0.05) and fine[1].min() == 1.0
 
 
+def test_one_frame_in_two_halves_gives_identical_input(frames):
+    """A single frame is preprocessed as two row halves on two threads: bit-identical."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from gisaxs_bluesky.models.preprocess import _preprocess
+    from gisaxs_bluesky.sim import Geometry
+    from gisaxs_bluesky.sim.simulate import nominal_mask
+
+    spiky = frames[0].copy()
+    spiky[520:523, 400] = 5000  # a track across the middle rows, where the halves meet
+    spiky[521, 700] = 0
+    with ThreadPoolExecutor(2) as pool:
+        for frame, mask in ((spiky, None), (frames[1], nominal_mask(Geometry())),
+                            (frames[2].astype(np.float32), None)):
+            whole, scale = _preprocess(frame, mask, None)
+            halves, scale2 = _preprocess(frame, mask, None, pool=pool)
+            assert scale == scale2
+            np.testing.assert_array_equal(whole, halves)
+
+
 def test_preprocess_rejects_bad_frames_by_name():
     with pytest.raises(ValueError, match=r"2-D.*\(5, 5, 5\)"):
         preprocess(np.zeros((5, 5, 5)))
