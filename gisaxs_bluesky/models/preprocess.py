@@ -233,12 +233,12 @@ def _preprocess(frame, mask, config, pool: Executor | None = None) -> tuple[np.n
     # zeros beyond what photon counting explains: at block mean m a pixel reads 0 with
     # probability ~exp(-m), so only dead pixels push the fraction above that. A block that
     # reads 0 throughout (inside a dead cluster) is judged by the median of its 8 neighbours
-    padded = np.pad(np.where(good, mean, np.nan), 1, constant_values=np.nan)
-    around = np.stack([padded[1 + a : 1 + a + h, 1 + b : 1 + b + w]
-                       for a in (-1, 0, 1) for b in (-1, 0, 1) if a or b])
     all_zero = good & (n_zero >= n_valid)
     local = mean.copy()
     if all_zero.any():
+        padded = np.pad(np.where(good, mean, np.nan), 1, constant_values=np.nan)
+        around = np.stack([padded[1 + a : 1 + a + h, 1 + b : 1 + b + w]
+                           for a in (-1, 0, 1) for b in (-1, 0, 1) if a or b])
         with np.errstate(all="ignore"):
             nb = np.nanmedian(around[:, all_zero], axis=0)
         local[all_zero] = np.nan_to_num(nb, nan=0.0)
@@ -248,7 +248,10 @@ def _preprocess(frame, mask, config, pool: Executor | None = None) -> tuple[np.n
     dead_isolated = np.where(good, n_dead * per_valid, 0)
     channels = [log_i, good * valid_frac, n_flagged / counts, log_max, zero_frac, negative_frac,
                 log_pair, dead_isolated]
-    return np.stack(channels).astype(np.float32), scale
+    out = np.empty((len(channels), h, w), dtype=np.float32)
+    for k, channel in enumerate(channels):
+        out[k] = channel  # cast on copy: no float64 stack of all channels first
+    return out, scale
 
 
 def frame_scale(
