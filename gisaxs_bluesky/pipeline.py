@@ -94,12 +94,8 @@ class PreparedFrames:
 
     seq: np.ndarray  # seq_num of every frame given, good or not
     idx: np.ndarray  # positions (in ``seq``) of the frames that passed the checks
-    inputs: np.ndarray | None  # (len(idx), C, h, w) model input of those frames
+    inputs: np.ndarray | None  # (len(idx), C, h, w) model input of those; None: nothing to encode
     errors: list[str] = field(default_factory=list)
-    shape: tuple[int, ...] | None = None  # the good frames' shape
-
-    def __len__(self) -> int:
-        return len(self.seq)
 
 
 class BinningPipeline:
@@ -215,15 +211,15 @@ class BinningPipeline:
             good_frames.append(a)
         idx = np.asarray(good_idx, dtype=np.int64)
         if not good_idx:
-            return PreparedFrames(seq, idx, None, errors, expected_shape)
+            return PreparedFrames(seq, idx, None, errors)
         try:
             inputs = self.encoder.preprocess(good_frames, self.mask)
         except Exception as exc:  # noqa: BLE001 - e.g. a frame smaller than the model input
             logger.exception("preprocessing failed for %d frames", len(idx))
             errors.append(f"preprocessing error for frames seq_num={seq[idx].tolist()}: "
                           f"{type(exc).__name__}: {exc}")
-            return PreparedFrames(seq, idx[:0], None, errors, expected_shape)
-        return PreparedFrames(seq, idx, inputs, errors, expected_shape)
+            return PreparedFrames(seq, idx, None, errors)
+        return PreparedFrames(seq, idx, inputs, errors)
 
     def process_prepared(
         self,
@@ -246,7 +242,7 @@ class BinningPipeline:
         rows = self._empty_rows(seq, t, pos)
         errors = list(prepared.errors)
         idx = prepared.idx
-        if prepared.inputs is None or not len(idx):
+        if prepared.inputs is None:
             return PipelineResult(rows, errors)
         try:
             enc = self.encoder.encode_inputs(prepared.inputs, batch_size=self.batch_size)

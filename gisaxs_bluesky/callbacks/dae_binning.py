@@ -662,12 +662,9 @@ class DAEBinningCallback(DocumentRouter):
         item.data = None
         item.in_memory = False
 
-    def _take_batch(self, wait: bool = True) -> list[Any]:
-        """Worker: up to batch_size frames (+ a trailing control item). ``wait``: for the
-        first item, then up to batch_timeout for more; else only what is queued now."""
+    def _take_batch(self) -> list[Any]:
+        """Worker: wait for items; return up to batch_size frames (+ a trailing control item)."""
         with self._cond:
-            if not wait and not self._queue:
-                return []
             while not self._queue:
                 self._cond.wait()
             first = self._queue.popleft()
@@ -683,7 +680,7 @@ class DAEBinningCallback(DocumentRouter):
                         break
                     continue
                 remaining = deadline - time.monotonic()
-                if not wait or remaining <= 0 or self._closed:
+                if remaining <= 0 or self._closed:
                     break
                 self._cond.wait(remaining)
             return batch
@@ -732,12 +729,10 @@ class DAEBinningCallback(DocumentRouter):
         preparing its frames. At a scan's pace there is none: frames then wait up to
         batch_timeout to form a batch, as without look-ahead, which costs the scan less CPU
         than encoding and writing each frame on its own."""
-        with self._cond:
+        with self._cond:  # (re-entrant) only this thread takes items: no waiting below
             if len(self._queue) < self.batch_size:
                 return None
-        batch = self._take_batch(wait=False)
-        if not batch:
-            return None
+            batch = self._take_batch()
         if not any(isinstance(item, _Frame) for item in batch):
             return batch, None
         if self._ahead_pool is None:
