@@ -599,16 +599,26 @@ class DerivedStore:
             logger.warning("Tiled unreachable creating %r: %s", root, exc)
 
     def reachable(self) -> bool:
-        """One fast request (no retries) to tell whether Tiled answers at all."""
+        """A fast request (no client retries) to tell whether Tiled answers at all.
+
+        A transport error is tried once more at once: after a server restart the client's
+        pooled keep-alive connection to the old process fails on first use, and the second
+        attempt opens a fresh one. A server that is down refuses both in milliseconds.
+        """
         ctx = self.client.context
-        try:
-            if type(ctx.http_client).__name__ == "TestClient":  # in-process app: no timeouts
-                r = ctx.http_client.get(ctx.api_uri)
-            else:
-                r = ctx.http_client.get(ctx.api_uri, timeout=self.probe_timeout)
-        except httpx.HTTPError:
-            return False
-        return r.status_code < 500
+        in_process = type(ctx.http_client).__name__ == "TestClient"  # no timeouts there
+        kwargs = {} if in_process else {"timeout": self.probe_timeout}
+        for attempt in range(2):
+            try:
+                r = ctx.http_client.get(ctx.api_uri, **kwargs)
+            except httpx.TransportError:
+                if attempt:
+                    return False
+                continue
+            except httpx.HTTPError:
+                return False
+            return r.status_code < 500
+        return False
 
     def root_node(self) -> Any:
         """The root container client, created at top level if absent."""
