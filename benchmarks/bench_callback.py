@@ -14,14 +14,18 @@ Frames are simulated once with ``default_scene`` and cached as .npy (``--cache``
 simulated detector only copies frames; simulation time does not count. ``--exposure`` gives
 the detector an integration time per frame (a real scan's pace; 0 = as fast as the RunEngine
 and TiledWriter go). ``--server`` runs Tiled as its own process on loopback (``tiled serve
-catalog``), as at a beamline, instead of in-process.
+catalog``), as at a beamline, instead of in-process; ``--postgres`` keeps its catalog and
+tables in PostgreSQL, as production Tiled servers do (SQLite tables allow one writer at a
+time, so without it TiledWriter and the callback share a write lock, and the RunEngine waits
+whenever the callback is writing: the figure is printed).
 
-    python benchmarks/bench_callback.py --frames 64 [--exposure 0.1] [--server] [--device cpu]
+    python benchmarks/bench_callback.py --frames 64 [--exposure 0.1] [--server [--postgres]]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import tempfile
 import threading
@@ -64,10 +68,56 @@ def make_encoder(device: str, untrained: bool):
     return Encoder(GisaxsDAE(), {"name": "untrained", "version": "0"}, device)
 
 
-class TiledProcess:
-    """``tiled serve catalog`` (SQLite + files in ``directory``) on a free loopback port."""
+class PostgresCluster:
+    """A throw-away PostgreSQL cluster on a free loopback port (``initdb`` + ``pg_ctl`` on PATH;
+    run as the ``postgres`` user when this process is root), with two databases: the Tiled
+    catalog and its table storage, as a beamline's production Tiled has them."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self) -> None:
+        import os
+        import shutil
+        import socket
+        import subprocess
+
+        for exe in ("initdb", "pg_ctl", "psql"):
+            if shutil.which(exe) is None:
+                raise SystemExit(f"--postgres needs PostgreSQL's {exe} on PATH")
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        # its own folder in the system temp dir: the postgres user must be able to reach it
+        self.dir = directory = Path(tempfile.mkdtemp(prefix="gisaxs-bench-pg-"))
+        as_user = []
+        if os.geteuid() == 0:  # PostgreSQL refuses to run as root
+            shutil.chown(directory, "postgres")
+            as_user = ["runuser", "-u", "postgres", "--"]
+        self._as_user = as_user
+        run = lambda *cmd: subprocess.run([*as_user, *cmd], check=True,  # noqa: E731
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        run("initdb", "-D", str(directory / "pg"), "-A", "trust", "-U", "postgres")
+        run("pg_ctl", "-D", str(directory / "pg"), "-w", "-l", str(directory / "pg.log"), "-o",
+            f"-p {self.port} -k {directory} -c listen_addresses=127.0.0.1", "start")
+        for db in ("catalog", "tables"):
+            run("psql", "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", "-q",
+                "-c", f"CREATE DATABASE {db}")
+
+    def uri(self, db: str, driver: str = "") -> str:
+        return f"postgresql{driver}://postgres@127.0.0.1:{self.port}/{db}"
+
+    def stop(self) -> None:
+        import shutil
+        import subprocess
+
+        subprocess.run([*self._as_user, "pg_ctl", "-D", str(self.dir / "pg"), "-m", "fast",
+                        "stop"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class TiledProcess:
+    """``tiled serve catalog`` on a free loopback port: SQLite catalog + files + SQLite tables
+    in ``directory``, or the catalog and tables in PostgreSQL (``postgres``)."""
+
+    def __init__(self, directory: Path, postgres: PostgresCluster | None = None) -> None:
         import secrets
         import socket
         import subprocess
@@ -79,10 +129,13 @@ class TiledProcess:
             sock.bind(("127.0.0.1", 0))
             self.port = sock.getsockname()[1]
         self.api_key = secrets.token_hex(8)
-        tiled = Path(sys.executable).with_name("tiled")
+        if postgres is None:
+            catalog, tables = directory / "catalog.db", f"sqlite:///{directory / 'tables.sqlite'}"
+        else:
+            catalog, tables = postgres.uri("catalog", "+asyncpg"), postgres.uri("tables")
         self.proc = subprocess.Popen(
-            [str(tiled), "serve", "catalog", "--init", str(directory / "catalog.db"),
-             "-w", str(directory / "data"), "-w", f"sqlite:///{directory / 'tables.sqlite'}",
+            [sys.executable, "-m", "tiled", "serve", "catalog", "--init", str(catalog),
+             "-w", str(directory / "data"), "-w", tables,
              "-r", str(directory), "--api-key", self.api_key, "--port", str(self.port)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
@@ -103,9 +156,91 @@ class TiledProcess:
         self.proc.wait(10)
 
 
+class ZmqConsumerProcess:
+    """The callback in its own process: a 0MQ proxy process and ``gisaxs-bluesky serve``
+    (``DAEBinningCallback`` behind a ``RemoteDispatcher``); the RunEngine only publishes.
+
+    Called like a callback (a bluesky ``Publisher``); :meth:`wait` polls Tiled until the
+    derived node of the last published run reports it finished."""
+
+    def __init__(self, server: TiledProcess, workdir: Path, device: str,
+                 batch_size: int) -> None:
+        import socket
+        import subprocess
+        import sys
+
+        from bluesky.callbacks.zmq import Publisher
+
+        from gisaxs_bluesky.serve import wait_until_connected
+
+        ports = []
+        for _ in range(2):
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                ports.append(sock.getsockname()[1])
+        self.procs = [subprocess.Popen(
+            [sys.executable, "-c", "from bluesky.callbacks.zmq import Proxy; "
+             f"Proxy({ports[0]}, {ports[1]}).start()"])]
+        self.procs.append(subprocess.Popen(
+            [sys.executable, "-m", "gisaxs_bluesky.cli", "serve",
+             "--zmq", f"127.0.0.1:{ports[1]}", "--tiled-uri", f"http://127.0.0.1:{server.port}",
+             "--api-key", server.api_key, "--device", device, "--batch-size", str(batch_size),
+             "--backup-dir", str(workdir / "backup-zmq"),
+             "--binner-state", str(workdir / "binner-zmq.json")],
+            stderr=subprocess.DEVNULL))
+        self.client = server.client()
+        self.publisher = Publisher(f"127.0.0.1:{ports[0]}")
+        time.sleep(3.0)  # the consumer loads its model
+        wait_until_connected(self.publisher, settle=2.0)
+        self.uid: str | None = None
+
+    def __call__(self, name: str, doc: dict) -> None:
+        if name == "start":
+            self.uid = doc["uid"]
+        self.publisher(name, doc)
+
+    def wait(self, timeout: float = 300.0) -> None:
+        root = "gisaxs_derived"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                for key in self.client[root]:
+                    if key.startswith(self.uid) and self.client[root][key].metadata.get(
+                            "status") in ("complete", "failed"):
+                        return
+            except KeyError:
+                pass
+            time.sleep(0.05)
+        raise TimeoutError(f"no finished derived node for run {self.uid}")
+
+    def close(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            proc.terminate()
+            proc.wait(10)
+
+
+class WaitClock:
+    """The write lock as TiledWriter takes it, timing how long the RunEngine thread waits."""
+
+    def __init__(self, lock) -> None:
+        self.lock, self.waited = lock, 0.0
+
+    def __enter__(self):
+        t = time.perf_counter()
+        self.lock.__enter__()
+        self.waited += time.perf_counter() - t
+
+    def __exit__(self, *exc):
+        return self.lock.__exit__(*exc)
+
+
 def scan_once(client, workdir: Path, frames: np.ndarray, n: int, callback=None, lock=None,
               exposure_s: float = 0.0, record: list | None = None):
-    """One list_scan of n points; returns (uid, scan wall s, results-ready s)."""
+    """One list_scan of n points; returns (uid, scan wall s, results-ready s, s the RunEngine
+    waited for the write lock)."""
     import bluesky.plans as bp
     from bluesky import RunEngine
     from bluesky_tiled_plugins import TiledWriter
@@ -123,7 +258,8 @@ def scan_once(client, workdir: Path, frames: np.ndarray, n: int, callback=None, 
     det = make_gisaxs_detector(workdir / "catalog" / "detector", frame_fn, [sx],
                                shape=PILATUS_SHAPE, dtype=np.int32, exposure_s=exposure_s)
     RE = RunEngine({})
-    RE.subscribe(serialized(TiledWriter(client, batch_size=1), lock))
+    clock = WaitClock(lock)
+    RE.subscribe(serialized(TiledWriter(client, batch_size=1), clock))
     if callback is not None:
         RE.subscribe(callback)
     if record is not None:
@@ -134,7 +270,7 @@ def scan_once(client, workdir: Path, frames: np.ndarray, n: int, callback=None, 
     if callback is not None:
         callback.wait()
     ready_s = time.perf_counter() - t0
-    return uid, scan_s, ready_s
+    return uid, scan_s, ready_s, clock.waited
 
 
 def main() -> None:
@@ -151,9 +287,19 @@ def main() -> None:
                         help="detector integration time per frame, s (0: no wait)")
     parser.add_argument("--server", action="store_true",
                         help="Tiled as a separate process on loopback (default: in-process)")
+    parser.add_argument("--postgres", action="store_true",
+                        help="with --server: catalog and tables in a throw-away PostgreSQL "
+                        "cluster (initdb/pg_ctl on PATH), as in production; raw and derived "
+                        "writes then need no shared lock")
+    parser.add_argument("--zmq", action="store_true",
+                        help="with --server: the callback in its own process (0MQ proxy + "
+                        "`gisaxs-bluesky serve`); the RunEngine only publishes documents")
     parser.add_argument("--cache", type=Path,
                         default=Path(tempfile.gettempdir()) / "gisaxs-bench-cache")
     args = parser.parse_args()
+    if args.zmq and not args.postgres:
+        parser.error("--zmq needs --postgres: SQLite tables take one writer, and a lock "
+                     "cannot be shared with another process")
     logging.basicConfig(level=logging.WARNING)
 
     from gisaxs_bluesky.callbacks import DAEBinningCallback
@@ -182,17 +328,29 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        server = TiledProcess(workdir / "catalog") if args.server else None
+        pg = PostgresCluster() if args.postgres else None
+        server = (TiledProcess(workdir / "catalog", pg) if args.server or pg or args.zmq
+                  else None)
         client = server.client() if server else local_tiled_client(workdir / "catalog")
-        print(f"Tiled {'server process on loopback' if server else 'in-process'}; detector "
-              f"exposure {args.exposure:g} s")
-        lock = threading.Lock()
+        print(f"Tiled {'server process on loopback' if server else 'in-process'}"
+              f"{', PostgreSQL catalog + tables' if pg else ', SQLite catalog + tables'}; "
+              f"detector exposure {args.exposure:g} s")
+        # SQLite tables take one writer at a time: TiledWriter and the callback share a lock
+        lock = contextlib.nullcontext() if pg else threading.Lock()
         scan_once(client, workdir, frames, 4, lock=lock)  # warm up Tiled + RunEngine
-        base, withcb, ready, capacity = [], [], [], []
+        base, withcb, ready, capacity, waited = [], [], [], [], []
+
+        remote = ZmqConsumerProcess(server, workdir, args.device, args.batch_size) \
+            if args.zmq else None
+        if remote:
+            print("callback in its own process (0MQ proxy + gisaxs-bluesky serve)")
 
         def callback():
+            if remote:
+                return remote
             return DAEBinningCallback(
-                client, encoder=encoder, binner=make_binner(encoder), write_lock=lock,
+                client, encoder=encoder, binner=make_binner(encoder),
+                write_lock=None if pg else lock,
                 batch_size=args.batch_size, backup_dir=workdir / "backup",
                 **({} if args.batch_timeout is None else {"batch_timeout": args.batch_timeout}),
                 spill_dir=workdir / "spill",
@@ -200,14 +358,15 @@ def main() -> None:
 
         for _ in range(args.repeats):
             docs: list = []
-            _, s, _ = scan_once(client, workdir, frames, args.frames, lock=lock,
-                                exposure_s=args.exposure, record=docs)
+            _, s, _, _ = scan_once(client, workdir, frames, args.frames, lock=lock,
+                                   exposure_s=args.exposure, record=docs)
             base.append(s)
             cb = callback()
-            uid, s, rd = scan_once(client, workdir, frames, args.frames, cb, lock,
-                                   exposure_s=args.exposure)
+            uid, s, rd, wait_s = scan_once(client, workdir, frames, args.frames, cb, lock,
+                                           exposure_s=args.exposure)
             withcb.append(s)
             ready.append(rd)
+            waited.append(wait_s)
             key = DerivedStore.node_key(uid, encoder.info())
             n_rows = len(client["gisaxs_derived"][key]["frames"].read())
             assert n_rows == args.frames, f"expected {args.frames} rows, found {n_rows}"
@@ -226,14 +385,25 @@ def main() -> None:
         b, w, rd = float(np.median(base)), float(np.median(withcb)), float(np.median(ready))
         cap = float(np.median(capacity))
         print(f"scan wall, TiledWriter only:        {b:6.2f} s ({args.frames / b:6.1f} frames/s)")
-        print(f"scan wall, + DAEBinningCallback:    {w:6.2f} s  overhead {100 * (w - b) / b:+.1f} %")
+        pairs = [100 * (y - x) / x for x, y in zip(base, withcb, strict=True)]
+        q1, med, q3 = np.percentile(pairs, [25, 50, 75])
+        print(f"scan wall, + DAEBinningCallback:    {w:6.2f} s  overhead {med:+.1f} % (median "
+              f"of {len(pairs)} scan pairs, quartiles {q1:+.1f} / {q3:+.1f} %)")
+        print(f"  pairs: {', '.join(f'{p:+.1f}' for p in pairs)}")
+        if not pg:
+            print(f"  of which the RunEngine waited for the shared write lock: "
+                  f"{float(np.median(waited)):.2f} s ({100 * float(np.median(waited)) / b:.1f} %)")
         print(f"end-to-end (scan start -> last row in Tiled): {rd:6.2f} s "
               f"= {args.frames / rd:6.1f} frames/s "
               f"(results lag the scan end by {rd - w:.2f} s)")
         print(f"callback capacity (HDF5 frame read -> rows in Tiled, recorded scan): "
               f"{args.frames / cap:6.1f} frames/s")
+        if remote:
+            remote.stop()
         if server:
             server.stop()
+        if pg:
+            pg.stop()
 
 if __name__ == "__main__":
     main()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib import resources
@@ -116,9 +117,15 @@ class EncodeResult:
 
 
 class Encoder:
-    """A loaded DAE ready for batched inference on CPU or CUDA."""
+    """A loaded DAE ready for batched inference on CPU or CUDA.
 
-    def __init__(self, model: GisaxsDAE, card: dict, device: str | torch.device = "auto") -> None:
+    Frames are preprocessed on ``preprocess_threads`` threads (default: one per CPU core, 2 to
+    8; the compiled passes release the GIL). On a GPU the preprocessing is the CPU's share of
+    the work, so more cores mean more frames/s there.
+    """
+
+    def __init__(self, model: GisaxsDAE, card: dict, device: str | torch.device = "auto",
+                 *, preprocess_threads: int | None = None) -> None:
         self.device = resolve_device(device)
         # channels-last: oneDNN / cuDNN convolutions run faster on it (~10 % on CPU)
         self.model = model.to(self.device, memory_format=torch.channels_last).eval()
@@ -128,7 +135,13 @@ class Encoder:
         )
         self.noise_kinds = tuple(card.get("noise_kinds", NOISE_KINDS))
         self.structures = tuple(card.get("structures", STRUCTURES))
-        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="gisaxs-preprocess")
+        if preprocess_threads is None:
+            preprocess_threads = min(8, max(2, os.cpu_count() or 2))
+        if preprocess_threads < 1:
+            raise ValueError(f"preprocess_threads must be >= 1, got {preprocess_threads}")
+        self.preprocess_threads = int(preprocess_threads)
+        self._pool = ThreadPoolExecutor(max_workers=self.preprocess_threads,
+                                        thread_name_prefix="gisaxs-preprocess")
 
     @property
     def name(self) -> str:
@@ -155,7 +168,7 @@ class Encoder:
         return {"name": self.name, "version": self.version, "sha256": self.sha256}
 
     def preprocess(self, frames, mask: np.ndarray | None = None) -> np.ndarray:
-        """(N, H, W) frames (any numeric dtype) -> (N, 8, h, w) float32, two threads."""
+        """(N, H, W) frames (any numeric dtype) -> (N, 8, h, w) float32, on the thread pool."""
         frames = _as_frames(frames)
         cfg = self.preprocess_config
         if len(frames) == 1:

@@ -8,6 +8,7 @@ zeros among bright neighbours).
 
 from __future__ import annotations
 
+import threading
 from concurrent.futures import Executor
 
 import numba
@@ -205,10 +206,29 @@ def _in_halves(pool: Executor | None, fn, rows: int, split: int, *args) -> list:
     return [fn(*args, 0, split), other.result()]
 
 
+#: (frame dtype, has mask) the compiled passes have run with in this process
+_compiled: set[tuple[str, bool]] = set()
+_compile_lock = threading.Lock()
+
+
 def _preprocess(frame, mask, config, pool: Executor | None = None) -> tuple[np.ndarray, float]:
     config = config or PreprocessConfig()
     frame = _check_frame(frame)
     mask, has_mask = _check_mask(mask, frame.shape)
+    key = (frame.dtype.str, has_mask)
+    if key not in _compiled:
+        # numba compiles (or loads from its cache) at the first call with new argument types;
+        # compiling one function from several threads at once is not safe in every numba
+        # release (seen: KeyError in a typing table), so the first call runs alone
+        with _compile_lock:
+            if key not in _compiled:
+                result = _preprocess_checked(frame, mask, has_mask, config, None)
+                _compiled.add(key)
+                return result
+    return _preprocess_checked(frame, mask, has_mask, config, pool)
+
+
+def _preprocess_checked(frame, mask, has_mask, config, pool) -> tuple[np.ndarray, float]:
     h, w = config.out_shape
     edges = block_edges(frame.shape[0], h)
     block_edges(frame.shape[1], w)  # size check

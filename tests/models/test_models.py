@@ -85,6 +85,33 @@ def test_one_frame_in_two_halves_gives_identical_input(frames):
             np.testing.assert_array_equal(whole, halves)
 
 
+def test_concurrent_first_calls_and_thread_counts_agree(frames):
+    """Many threads preprocessing frames of dtypes not seen before in this process (the first
+    call per type compiles or loads the numba passes, one thread at a time) give what one
+    thread gives; an encoder's preprocessing thread count changes nothing but the speed."""
+    import importlib
+    from concurrent.futures import ThreadPoolExecutor
+
+    pp = importlib.import_module("gisaxs_bluesky.models.preprocess")  # the module, not the function
+    kinds = (np.uint16, np.int64, np.float64, ">i4")
+    jobs = [(frames[i % 3].astype(kinds[i % 4]), None if i % 2 else frames[0] < 0)
+            for i in range(16)]
+    for dtype in kinds:  # forget that these types ran here before
+        pp._compiled.discard((np.dtype(dtype).newbyteorder("=").str, False))
+        pp._compiled.discard((np.dtype(dtype).newbyteorder("=").str, True))
+    with ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(lambda job: preprocess(*job), jobs))
+    for (frame, mask), got in zip(jobs, together, strict=True):
+        np.testing.assert_array_equal(got, preprocess(frame, mask))
+
+    one = Encoder(GisaxsDAE(), dict(CARD), device="cpu", preprocess_threads=1)
+    three = Encoder(one.model, dict(CARD), device="cpu", preprocess_threads=3)
+    assert (one.preprocess_threads, three.preprocess_threads) == (1, 3)
+    np.testing.assert_array_equal(one.preprocess(frames), three.preprocess(frames))
+    with pytest.raises(ValueError, match="preprocess_threads"):
+        Encoder(one.model, dict(CARD), device="cpu", preprocess_threads=0)
+
+
 def test_preprocess_rejects_bad_frames_by_name():
     with pytest.raises(ValueError, match=r"2-D.*\(5, 5, 5\)"):
         preprocess(np.zeros((5, 5, 5)))
