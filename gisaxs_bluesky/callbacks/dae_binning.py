@@ -173,10 +173,10 @@ class _RunState:
     n_spilled: int = 0
     dropped: list[int] = field(default_factory=list)
     store_errors: int = 0
-    # rows encoded but not yet written (worker only): written when the queue runs dry, when
-    # they reach max_write_rows, when the oldest is write_interval old, and before the finish
+    # rows encoded but not yet written (worker only): written at most once per write_interval
+    # (the first batch at once), at max_write_rows, on wait()/flush(), and before the finish
     unwritten: list[tuple[dict[str, np.ndarray], list[str]]] = field(default_factory=list)
-    unwritten_since: float = 0.0
+    last_write: float = float("-inf")
     done: threading.Event = field(default_factory=threading.Event)
 
     @property
@@ -348,6 +348,11 @@ class DAEBinningCallback(DocumentRouter):
         self._worker: threading.Thread | None = None
         self._ahead_pool: ThreadPoolExecutor | None = None
         self._unwritten_runs: dict[str, _RunState] = {}
+        self._live_runs: dict[str, _RunState] = {}  # worker: runs with an open derived node
+        # under _cond: wait() asks (_flush_gen += 1) for every row and bin summary in Tiled
+        # now; the worker answers once its queue is empty (_flushed_gen catches up)
+        self._flush_gen = 0
+        self._flushed_gen = 0
         self._closed = False
         self.last_writer: Any = None  # writer of the most recently finished run
 
@@ -666,7 +671,17 @@ class DAEBinningCallback(DocumentRouter):
         """Worker: wait for items; return up to batch_size frames (+ a trailing control item)."""
         with self._cond:
             while not self._queue:
-                self._cond.wait()
+                if self._flush_gen > self._flushed_gen:
+                    return []  # a tick: wait() wants everything in Tiled
+                if self._unwritten_runs:
+                    due = min(r.last_write for r in self._unwritten_runs.values()) \
+                        + self.write_interval
+                    remaining = due - time.monotonic()
+                    if remaining <= 0:
+                        return []  # a tick: rows are due
+                    self._cond.wait(remaining)
+                else:
+                    self._cond.wait()
             first = self._queue.popleft()
             batch = [first]
             if not isinstance(first, _Frame):
@@ -707,8 +722,14 @@ class DAEBinningCallback(DocumentRouter):
                 self._handle(batch, prepared)
             except Exception:  # noqa: BLE001 - the worker must survive anything
                 logger.exception("DAE binning worker failed on a batch")
+            with self._cond:  # wait() is answered when no frame is left to encode
+                idle = not self._queue and ahead is None
+                flush_gen = self._flush_gen if idle else self._flushed_gen
+            flushing = flush_gen > self._flushed_gen
             try:
-                self._write_due(backlog=ahead is not None)
+                self._write_due(force=flushing or any(item is _CLOSE for item in batch))
+                if flushing:
+                    self._flush_summaries()
             except Exception:  # noqa: BLE001
                 logger.exception("DAE binning worker failed writing rows")
             finally:
@@ -716,6 +737,7 @@ class DAEBinningCallback(DocumentRouter):
                     self._in_memory -= sum(1 for i in batch if isinstance(i, _Frame)
                                            and i.in_memory)
                     self._unfinished -= len(batch)
+                    self._flushed_gen = max(self._flushed_gen, flush_gen)
                     self._cond.notify_all()
             if any(item is _CLOSE for item in batch):
                 self._h5.close()
@@ -792,6 +814,7 @@ class DAEBinningCallback(DocumentRouter):
             run.writer = self.pipeline.open_writer(
                 self._store, run.uid, scan_id=run.scan_id, motors=run.motors, extra_metadata=md
             )
+            self._live_runs[run.uid] = run
         except Exception as exc:  # noqa: BLE001
             run.writer_failed = f"cannot open derived node: {type(exc).__name__}: {exc}"
             logger.exception("run %s: %s", run.uid, run.writer_failed)
@@ -836,28 +859,35 @@ class DAEBinningCallback(DocumentRouter):
         errors += result.errors
         run.n_rows += result.n_rows
         run.n_unprocessed += int(np.count_nonzero(result.rows["bin_id"] == UNPROCESSED_BIN))
-        if not run.unwritten:
-            run.unwritten_since = time.monotonic()
         run.unwritten.append((result.rows, errors))
         self._unwritten_runs[run.uid] = run
 
-    def _write_due(self, backlog: bool = False) -> None:
-        """Worker: write the runs' encoded rows when the queue is empty (no backlog: every batch
-        is written at once), or when enough rows or time have piled up behind a backlog. One
-        Tiled append (+ summary) per write costs about as much as encoding a batch of 16 on 2
-        cores, so under a backlog fewer, larger writes raise the frame rate the callback holds."""
-        with self._cond:
-            idle = not self._queue and not backlog
+    def _write_due(self, force: bool = False) -> None:
+        """Worker: write a run's encoded rows at most once per ``write_interval`` (its first
+        batch at once, so the derived node appears with the first frames), or when
+        ``max_write_rows`` wait; all of them when ``force``d (:meth:`wait`, :meth:`close`).
+        One Tiled append (+ bin summary) costs about as much as encoding a batch of 16 on 2
+        cores, and with SQLite table storage it holds the write lock TiledWriter needs: fewer,
+        larger writes raise the frame rate the callback holds and cost the scan less."""
         now = time.monotonic()
         for run in list(self._unwritten_runs.values()):
-            if (idle or run.n_unwritten >= self.max_write_rows
-                    or now - run.unwritten_since >= self.write_interval):
+            if (force or run.n_unwritten >= self.max_write_rows
+                    or now - run.last_write >= self.write_interval):
                 self._write_rows(run)
+
+    def _flush_summaries(self) -> None:
+        """Worker: push bin summaries held back by the store's summary_interval (one try each:
+        a writer whose Tiled is down keeps them for later)."""
+        for run in list(self._live_runs.values()):
+            if run.writer is not None:
+                with self.write_lock:
+                    run.writer.flush()
 
     def _write_rows(self, run: _RunState) -> None:
         self._unwritten_runs.pop(run.uid, None)
         if not run.unwritten:
             return
+        run.last_write = time.monotonic()
         parts, run.unwritten = run.unwritten, []
         rows = {k: np.concatenate([r[k] for r, _ in parts]) for k in parts[0][0]}
         errors = [e for _, errs in parts for e in errs]
@@ -884,6 +914,7 @@ class DAEBinningCallback(DocumentRouter):
             writer.record_error("; ".join(errors))
 
     def _finish(self, item: _Finish) -> None:
+        self._live_runs.pop(item.run.uid, None)
         try:
             self._write_rows(item.run)
         except Exception:  # noqa: BLE001
@@ -942,10 +973,16 @@ class DAEBinningCallback(DocumentRouter):
 
     # ------------------------------------------------------------------------ control
     def wait(self, timeout: float | None = None) -> bool:
-        """Block until every queued frame and run finish is processed; False on timeout."""
+        """Block until every queued frame and run finish is processed and every encoded row is
+        in Tiled (or its backup); False on timeout."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
-            while self._unfinished > 0:
+            if self._worker is None or not self._worker.is_alive():
+                return self._unfinished == 0
+            self._flush_gen += 1
+            gen = self._flush_gen
+            self._cond.notify_all()
+            while self._unfinished > 0 or self._flushed_gen < gen:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     return False
@@ -953,7 +990,7 @@ class DAEBinningCallback(DocumentRouter):
         return True
 
     def flush(self, timeout: float | None = None) -> bool:
-        """Alias of :meth:`wait` (the worker never holds a partial batch longer than batch_timeout)."""
+        """Alias of :meth:`wait`: every frame seen so far encoded and its row written."""
         return self.wait(timeout)
 
     def close(self, timeout: float | None = 30.0) -> None:

@@ -310,10 +310,49 @@ class FirstCallSlowEncoder(Encoder):
         return super().encode_inputs(x, **kwargs)
 
 
+def test_at_scan_pace_rows_go_to_tiled_once_per_interval_and_wait_flushes(
+        RE, tiled_client, tmp_path, monkeypatch):
+    """Frames arriving one by one (a batch each): the first batch is written at once, then at
+    most one write per write_interval; wait() before the stop document writes the rest."""
+    from gisaxs_bluesky.store import DerivedRunWriter
+
+    sizes: list[int] = []
+    real_append = DerivedRunWriter.append
+
+    def recording_append(self, rows):  # a spy: the real append runs
+        sizes.append(len(rows["seq_num"]))
+        return real_append(self, rows)
+
+    monkeypatch.setattr(DerivedRunWriter, "append", recording_append)
+    docs = _inline_docs(RE, blob_frames(16))
+    stop = docs.pop()
+    assert stop[0] == "stop"
+    cb = make_callback(tiled_client, tmp_path, batch_size=1, batch_timeout=0.01,
+                       write_interval=0.6)
+    t0 = time.monotonic()
+    for name, doc in docs:
+        cb(name, doc)
+        if name == "event":
+            time.sleep(0.1)  # the scan's pace: ~10 frames/s, each its own batch
+    elapsed = time.monotonic() - t0
+    assert cb.wait(60)  # mid-run: every row so far reaches Tiled
+    assert sum(sizes) == 16 and sizes[0] == 1
+    assert len(sizes) <= 2 + elapsed / 0.6  # not 16 writes
+    node = derived_node(tiled_client, docs[0][1]["uid"])
+    assert read_rows(node)["seq_num"].tolist() == list(range(1, 17))
+    assert node.metadata["status"] == "running" and node.metadata["n_frames"] == 16
+    cb(*stop)
+    assert cb.wait(60)
+    assert derived_node(tiled_client, docs[0][1]["uid"]).metadata["status"] == "complete"
+    assert sum(sizes) == 16  # nothing written twice
+    with pytest.raises(ValueError, match="write_interval"):
+        make_callback(tiled_client, tmp_path, write_interval=-1)
+
+
 @pytest.mark.parametrize("max_write_rows", [256, 8])
 def test_writes_gather_behind_a_backlog(RE, tiled_client, tmp_path, monkeypatch, max_write_rows):
     """A recorded scan fed at once: batches of 4 queue behind the first, and their rows go to
-    Tiled in writes of up to max_write_rows when the queue runs dry, not one write per batch."""
+    Tiled in writes of up to max_write_rows (or at the run's end), not one write per batch."""
     from gisaxs_bluesky.store import DerivedRunWriter
 
     sizes: list[int] = []
@@ -334,10 +373,11 @@ def test_writes_gather_behind_a_backlog(RE, tiled_client, tmp_path, monkeypatch,
     assert cb.wait(60)
     assert enc.calls >= 6  # batches of at most 4 ...
     assert sum(sizes) == 24 and len(sizes) < enc.calls  # ... in fewer writes
+    assert sizes[0] <= 4  # the first batch at once: the node appears with the first frames
     if max_write_rows == 256:
         assert len(sizes) <= 2
     else:  # a write once 8 rows wait (a batch may bring it to 11); the rest at the end
-        assert all(8 <= s <= 11 for s in sizes[:-1]) and sizes[-1] <= 11
+        assert all(8 <= s <= 11 for s in sizes[1:-1]) and sizes[-1] <= 11
     node = derived_node(tiled_client, docs[0][1]["uid"])
     assert read_rows(node)["seq_num"].tolist() == list(range(1, 25))
     assert node.metadata["n_frames"] == 24 and node.metadata["status"] == "complete"
