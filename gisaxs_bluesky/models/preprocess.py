@@ -53,6 +53,19 @@ def _is_flag(x: float) -> bool:
 
 
 @numba.njit(cache=True, nogil=True)
+def _col_bounds(c_idx, w):  # pragma: no cover - compiled
+    """First column of each of the w block columns, and the frame width at the end."""
+    bounds = np.empty(w + 1, dtype=np.int64)
+    bounds[w] = len(c_idx)
+    b = -1
+    for j in range(len(c_idx)):
+        if c_idx[j] != b:
+            b = c_idx[j]
+            bounds[b] = j
+    return bounds
+
+
+@numba.njit(cache=True, nogil=True)
 def _block_stats(frame, mask, has_mask, r_idx, c_idx, h, w, row0, row1):  # pragma: no cover
     """Pass 1 over rows [row0, row1): per block sum, valid, flagged, zero, negative counts and
     maximum."""
@@ -86,6 +99,52 @@ def _block_stats(frame, mask, has_mask, r_idx, c_idx, h, w, row0, row1):  # prag
 
 
 @numba.njit(cache=True, nogil=True)
+def _block_stats_int(frame, mask, has_mask, r_idx, c_idx, h, w, row0, row1):  # pragma: no cover
+    """:func:`_block_stats` for integer frames (counting detectors), with identical results:
+    no NaN or inf to test for, and sums exact in int64. Each pixel row adds into per-column
+    accumulators in one branch-free, vectorised loop; at the end of a block row the columns
+    are summed into its blocks."""
+    total = np.zeros((h, w))
+    n_valid = np.zeros((h, w))
+    n_flagged = np.zeros((h, w))
+    n_zero = np.zeros((h, w))
+    n_negative = np.zeros((h, w))
+    block_max = np.zeros((h, w))
+    bounds = _col_bounds(c_idx, w)
+    cols = frame.shape[1]
+    acc = np.zeros((6, cols), dtype=np.int64)  # sum, max, valid, flagged, zero, negative
+    current = r_idx[row0] if row0 < row1 else 0
+    for i in range(row0, row1 + 1):
+        if i == row1 or r_idx[i] != current:  # block row done: columns -> blocks
+            for bj in range(w):
+                for j in range(bounds[bj], bounds[bj + 1]):
+                    total[current, bj] += acc[0, j]
+                    block_max[current, bj] = max(block_max[current, bj], acc[1, j])
+                    n_valid[current, bj] += acc[2, j]
+                    n_flagged[current, bj] += acc[3, j]
+                    n_zero[current, bj] += acc[4, j]
+                    n_negative[current, bj] += acc[5, j]
+            if i == row1:
+                break
+            acc[:] = 0
+            current = r_idx[i]
+        for j in range(cols):
+            x = np.int64(frame[i, j])
+            flag = (x == -1) | (x == -2)
+            ok = not flag
+            if has_mask:
+                ok = ok & (not mask[i, j])
+            pos = x if ok & (x > 0) else np.int64(0)
+            acc[0, j] += pos
+            acc[1, j] = max(acc[1, j], pos)
+            acc[2, j] += ok
+            acc[3, j] += flag
+            acc[4, j] += ok & (x == 0)
+            acc[5, j] += ok & (x < 0)
+    return total, n_valid, n_flagged, n_zero, n_negative, block_max
+
+
+@numba.njit(cache=True, nogil=True)
 def _valid_value(frame, mask, has_mask, i, j):  # pragma: no cover - compiled
     """(value, valid) of pixel (i, j); negative readout values count as 0."""
     x = float(frame[i, j])
@@ -103,33 +162,49 @@ def _spike_stats(frame, mask, has_mask, r_idx, c_idx, mean, dead_mean, row0, row
     pair_max = np.zeros((h, w))
     n_dead = np.zeros((h, w))
     rows, cols = frame.shape
+    # most pixels are neither a zero among bright pixels nor a spike: per pixel row, one
+    # branch-free loop lists the candidates (in column order), and only they are looked at
+    threshold = np.empty(cols)
+    dead_possible = np.zeros(cols, dtype=np.bool_)
+    candidates = np.empty(cols, dtype=np.int64)
+    current = -1
     for i in range(row0, row1):
         bi = r_idx[i]
+        if bi != current:
+            current = bi
+            for j in range(cols):
+                m = mean[bi, c_idx[j]]
+                threshold[j] = 3.0 * m + 3.0
+                dead_possible[j] = not m < 0.5 * dead_mean
+        k = 0
         for j in range(cols):
+            x = float(frame[i, j])
+            candidates[k] = j
+            k += ((x == 0.0) & dead_possible[j]) | (x > threshold[j])
+        for q in range(k):
+            j = candidates[q]
             bj = c_idx[j]
             x = float(frame[i, j])
-            m = mean[bi, bj]
-            # most pixels are neither: decide that before looking at flags and the mask
             if x == 0.0:
-                if m < 0.5 * dead_mean or (has_mask and mask[i, j]):
+                if has_mask and mask[i, j]:
                     continue
                 # every valid neighbour bright and none reading 0: edges of shadows, of
                 # unflagged gaps and of dead clusters have dark neighbours and do not count
                 s = 0.0
-                k = 0
+                n = 0
                 for di, dj in ((-1, 0), (1, 0), (0, -1), (0, 1)):
                     ii, jj = i + di, j + dj
                     if 0 <= ii < rows and 0 <= jj < cols:
                         y, ok2 = _valid_value(frame, mask, has_mask, ii, jj)
                         if ok2:
                             if y <= 0.0:
-                                k = -4
+                                n = -4
                                 break
                             s += y
-                            k += 1
-                if k >= 3 and s >= dead_mean * k:
+                            n += 1
+                if n >= 3 and s >= dead_mean * n:
                     n_dead[bi, bj] += 1
-            elif x > 3.0 * m + 3.0 and x > pair_max[bi, bj]:
+            elif x > pair_max[bi, bj]:
                 if _is_flag(x) or (has_mask and mask[i, j]):
                     continue
                 best = 0.0
@@ -196,6 +271,14 @@ def preprocess(
     return _preprocess(frame, mask, config)[0]
 
 
+def _block_stats_for(frame: np.ndarray):
+    """The pass-1 kernel for this frame: integers (but uint64, which int64 cannot hold) take
+    the vectorised one."""
+    if frame.dtype.kind in "iu" and frame.dtype != np.uint64:
+        return _block_stats_int
+    return _block_stats
+
+
 def _in_halves(pool: Executor | None, fn, rows: int, split: int, *args) -> list:
     """``fn(*args, row0, row1)`` over all rows, or over two halves split at ``split`` (a block
     row's first row, so no block straddles it: sums add up in the same order) with one half
@@ -234,7 +317,7 @@ def _preprocess_checked(frame, mask, has_mask, config, pool) -> tuple[np.ndarray
     block_edges(frame.shape[1], w)  # size check
     r_idx, c_idx = _index(frame.shape[0], h), _index(frame.shape[1], w)
     split = int(edges[h // 2])
-    parts = _in_halves(pool, _block_stats, frame.shape[0], split,
+    parts = _in_halves(pool, _block_stats_for(frame), frame.shape[0], split,
                        frame, mask, has_mask, r_idx, c_idx, h, w)
     total, n_valid, n_flagged, n_zero, n_negative = (sum(p[k] for p in parts) for k in range(5))
     block_max = np.maximum.reduce([p[5] for p in parts])
@@ -292,8 +375,8 @@ def preprocess_fine(
     h, w = shape
     block_edges(frame.shape[0], h), block_edges(frame.shape[1], w)
     r_idx, c_idx = _index(frame.shape[0], h), _index(frame.shape[1], w)
-    total, n_valid = _block_stats(frame, mask, has_mask, r_idx, c_idx, h, w, 0,
-                                  frame.shape[0])[:2]
+    stats = _block_stats_for(frame)(frame, mask, has_mask, r_idx, c_idx, h, w, 0, frame.shape[0])
+    total, n_valid = stats[:2]
     counts = np.bincount(r_idx, minlength=h)[:, None] * np.bincount(c_idx, minlength=w)[None, :]
     valid = n_valid / counts
     good = valid >= 0.25
