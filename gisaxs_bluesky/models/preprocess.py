@@ -104,12 +104,9 @@ def _block_stats_int(frame, mask, has_mask, r_idx, c_idx, h, w, row0, row1):  # 
     no NaN or inf to test for, and sums exact in int64. Each pixel row adds into per-column
     accumulators in one branch-free, vectorised loop; at the end of a block row the columns
     are summed into its blocks."""
-    total = np.zeros((h, w))
-    n_valid = np.zeros((h, w))
-    n_flagged = np.zeros((h, w))
-    n_zero = np.zeros((h, w))
-    n_negative = np.zeros((h, w))
-    block_max = np.zeros((h, w))
+    out = np.zeros((6, h, w))
+    total, n_valid, n_flagged, n_zero, n_negative, block_max = (out[0], out[1], out[2], out[3],
+                                                                 out[4], out[5])
     bounds = _col_bounds(c_idx, w)
     cols = frame.shape[1]
     acc = np.zeros((6, cols), dtype=np.int64)  # sum, max, valid, flagged, zero, negative

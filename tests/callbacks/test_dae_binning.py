@@ -310,20 +310,27 @@ class FirstCallSlowEncoder(Encoder):
         return super().encode_inputs(x, **kwargs)
 
 
-def test_at_scan_pace_rows_go_to_tiled_once_per_interval_and_wait_flushes(
-        RE, tiled_client, tmp_path, monkeypatch):
-    """Frames arriving one by one (a batch each): the first batch is written at once, then at
-    most one write per write_interval; wait() before the stop document writes the rest."""
+@pytest.fixture
+def append_sizes(monkeypatch) -> list[int]:
+    """Rows per Tiled append of every derived writer (a spy: the real append runs)."""
     from gisaxs_bluesky.store import DerivedRunWriter
 
     sizes: list[int] = []
     real_append = DerivedRunWriter.append
 
-    def recording_append(self, rows):  # a spy: the real append runs
+    def recording_append(self, rows):
         sizes.append(len(rows["seq_num"]))
         return real_append(self, rows)
 
     monkeypatch.setattr(DerivedRunWriter, "append", recording_append)
+    return sizes
+
+
+def test_at_scan_pace_rows_go_to_tiled_once_per_interval_and_wait_flushes(
+        RE, tiled_client, tmp_path, append_sizes):
+    """Frames arriving one by one (a batch each): the first batch is written at once, then at
+    most one write per write_interval; wait() before the stop document writes the rest."""
+    sizes = append_sizes
     docs = _inline_docs(RE, blob_frames(16))
     stop = docs.pop()
     assert stop[0] == "stop"
@@ -350,19 +357,10 @@ def test_at_scan_pace_rows_go_to_tiled_once_per_interval_and_wait_flushes(
 
 
 @pytest.mark.parametrize("max_write_rows", [256, 8])
-def test_writes_gather_behind_a_backlog(RE, tiled_client, tmp_path, monkeypatch, max_write_rows):
+def test_writes_gather_behind_a_backlog(RE, tiled_client, tmp_path, append_sizes, max_write_rows):
     """A recorded scan fed at once: batches of 4 queue behind the first, and their rows go to
     Tiled in writes of up to max_write_rows (or at the run's end), not one write per batch."""
-    from gisaxs_bluesky.store import DerivedRunWriter
-
-    sizes: list[int] = []
-    real_append = DerivedRunWriter.append
-
-    def recording_append(self, rows):  # a spy: the real append runs
-        sizes.append(len(rows["seq_num"]))
-        return real_append(self, rows)
-
-    monkeypatch.setattr(DerivedRunWriter, "append", recording_append)
+    sizes = append_sizes
     docs = _inline_docs(RE, blob_frames(24))
     torch.manual_seed(0)
     enc = FirstCallSlowEncoder(GisaxsDAE(), {"name": "untrained", "version": "0"}, "cpu")
