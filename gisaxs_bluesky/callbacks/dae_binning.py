@@ -243,8 +243,8 @@ class DAEBinningCallback(DocumentRouter):
     ``make_binner(encoder)``), ``image_key`` (default: found in the descriptor),
     ``stream_name`` (default: the first stream with an image), ``root``/``backup_dir`` of the
     :class:`~gisaxs_bluesky.store.DerivedStore`, batching (``batch_size``,
-    ``batch_timeout``; writes behind a backlog: ``max_write_rows``, ``write_interval``),
-    queue policy (``max_queue``, ``put_timeout``, ``spill_dir``),
+    ``batch_timeout``; Tiled writes: at most one per ``write_interval`` s per run, sooner
+    when ``max_write_rows`` wait), queue policy (``max_queue``, ``put_timeout``, ``spill_dir``),
     ``frame_timeout`` (wait for lagging HDF5 frames), ``handler_registry`` for legacy
     resources, ``mask`` (pixels to ignore), ``extra_metadata`` for every derived node,
     ``write_lock`` held around every Tiled write (see :func:`serialized`; needed with SQLite
