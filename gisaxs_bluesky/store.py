@@ -373,6 +373,7 @@ class DerivedRunWriter:
             return True
         try:
             root = self.store.root_node()
+            created = False
             if self.key in root:
                 node = root[self.key]
                 md = node.metadata
@@ -391,12 +392,18 @@ class DerivedRunWriter:
                     metadata=self._initial_metadata(),
                     specs=[Spec(DERIVED_SPEC, version=DERIVED_SPEC_VERSION)],
                 )
-            if TABLE_KEY in node:
+                created = True
+            if not created and TABLE_KEY in node:
                 table = node[TABLE_KEY]
             else:
                 table = node.create_appendable_table(self.layout.schema(), key=TABLE_KEY)
             self._node, self._table = node, table
-            self._refresh_from_server()
+            if created:  # a new node holds no rows: nothing to read back
+                self.stored_seq_nums = set()
+                self._bin_counts = Counter()
+                self._outliers = 0
+            else:
+                self._refresh_from_server()
             return True
         except Exception as exc:
             if not is_server_fault(exc):
@@ -590,6 +597,7 @@ class DerivedStore:
         # a node's bin summary (n_frames, bin counts, outliers) is updated with the rows at most
         # this often (s); flush/finish bring it up to date. Each update is one metadata write.
         self.summary_interval = float(summary_interval)
+        self._root_node: Any = None  # root container client, once looked up
         try:
             if self.reachable():
                 self.root_node()
@@ -621,17 +629,23 @@ class DerivedStore:
         return False
 
     def root_node(self) -> Any:
-        """The root container client, created at top level if absent."""
+        """The root container client, created at top level if absent (looked up once: every
+        run's node opens under the write lock TiledWriter may be waiting for)."""
+        if self._root_node is not None:
+            return self._root_node
         if self.root in self.client:
-            return self.client[self.root]
-        try:
-            return self.client.create_container(
-                self.root, metadata={"description": "GISAXS derived data (latents, bins)"}
-            )
-        except Exception:
-            if self.root in self.client:  # created concurrently
-                return self.client[self.root]
-            raise
+            node = self.client[self.root]
+        else:
+            try:
+                node = self.client.create_container(
+                    self.root, metadata={"description": "GISAXS derived data (latents, bins)"}
+                )
+            except Exception:
+                if self.root not in self.client:  # not created concurrently either
+                    raise
+                node = self.client[self.root]
+        self._root_node = node
+        return node
 
     @staticmethod
     def node_key(raw_uid: str, model: Mapping[str, Any]) -> str:
