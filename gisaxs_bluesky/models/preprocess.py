@@ -286,29 +286,34 @@ def _in_halves(pool: Executor | None, fn, rows: int, split: int, *args) -> list:
     return [fn(*args, 0, split), other.result()]
 
 
-#: (frame dtype, has mask) the compiled passes have run with in this process
-_compiled: set[tuple[str, bool]] = set()
+#: frame dtypes (``dtype.str``) the compiled passes are ready for in this process
+_compiled: set[str] = set()
 _compile_lock = threading.Lock()
+
+
+def _ensure_compiled(dtype: np.dtype) -> None:
+    """Compile (or load from numba's cache) the passes for frames of ``dtype``, once and on one
+    thread: numba compiles at the first call with new argument types, and compiling one
+    function from several threads at once is not safe in every numba release (seen: a
+    KeyError in its typing tables on a 16-thread pool). A 4 x 4 frame has the same types."""
+    if dtype.str in _compiled:
+        return
+    with _compile_lock:
+        if dtype.str in _compiled:
+            return
+        frame = np.zeros((4, 4), dtype=dtype)
+        mask = np.zeros((1, 1), dtype=np.bool_)
+        idx = np.array([0, 0, 1, 1], dtype=np.int64)
+        _block_stats_for(frame)(frame, mask, False, idx, idx, 2, 2, 0, 4)
+        _spike_stats(frame, mask, False, idx, idx, np.zeros((2, 2)), _DEAD_NEIGHBOUR_MEAN, 0, 4)
+        _compiled.add(dtype.str)
 
 
 def _preprocess(frame, mask, config, pool: Executor | None = None) -> tuple[np.ndarray, float]:
     config = config or PreprocessConfig()
     frame = _check_frame(frame)
     mask, has_mask = _check_mask(mask, frame.shape)
-    key = (frame.dtype.str, has_mask)
-    if key not in _compiled:
-        # numba compiles (or loads from its cache) at the first call with new argument types;
-        # compiling one function from several threads at once is not safe in every numba
-        # release (seen: KeyError in a typing table), so the first call runs alone
-        with _compile_lock:
-            if key not in _compiled:
-                result = _preprocess_checked(frame, mask, has_mask, config, None)
-                _compiled.add(key)
-                return result
-    return _preprocess_checked(frame, mask, has_mask, config, pool)
-
-
-def _preprocess_checked(frame, mask, has_mask, config, pool) -> tuple[np.ndarray, float]:
+    _ensure_compiled(frame.dtype)
     h, w = config.out_shape
     edges = block_edges(frame.shape[0], h)
     block_edges(frame.shape[1], w)  # size check
@@ -369,6 +374,7 @@ def preprocess_fine(
     denoiser's resolution (``scale`` from :func:`frame_scale`, so both resolutions agree)."""
     frame = _check_frame(frame)
     mask, has_mask = _check_mask(mask, frame.shape)
+    _ensure_compiled(frame.dtype)
     h, w = shape
     block_edges(frame.shape[0], h), block_edges(frame.shape[1], w)
     r_idx, c_idx = _index(frame.shape[0], h), _index(frame.shape[1], w)
