@@ -24,10 +24,9 @@ Threading: the RunEngine thread only parses documents and enqueues frame referen
 worker thread encodes in batches (``batch_size`` frames or ``batch_timeout`` seconds, whichever
 first), bins in frame order, and writes to Tiled; behind a backlog a look-ahead thread reads
 and preprocesses the next batch meanwhile, so frame reads and preprocessing overlap the model
-pass. Rows are written as soon as the worker has no backlog, so at a scan's
-pace every batch appears at once; behind a backlog they are gathered into larger writes (up
-to ``max_write_rows`` rows or ``write_interval`` seconds), since each Tiled write costs about
-as much as encoding a batch.
+pass. A run's rows go to Tiled at most once per ``write_interval`` seconds (its first batch at
+once; sooner when ``max_write_rows`` rows wait; all of them at :meth:`~DAEBinningCallback.wait`
+and at the run's end), since each Tiled write costs about as much as encoding a batch.
 
 Queue-full policy: at most ``max_queue`` frames whose pixels are held in memory (inline
 frames) wait for the worker. When that bound is reached the RunEngine thread waits up to
@@ -710,6 +709,7 @@ class DAEBinningCallback(DocumentRouter):
                 batch, future = self._take_batch(), None
             else:
                 (batch, future), ahead = ahead, None
+            closing = any(item is _CLOSE for item in batch)
             try:
                 prepared = None
                 if future is not None:
@@ -717,7 +717,7 @@ class DAEBinningCallback(DocumentRouter):
                         prepared = future.result()
                     except Exception:  # noqa: BLE001 - prepared again below
                         logger.exception("DAE binning look-ahead failed; preparing again")
-                if not any(item is _CLOSE for item in batch):
+                if not closing:
                     ahead = self._look_ahead()
                 self._handle(batch, prepared)
             except Exception:  # noqa: BLE001 - the worker must survive anything
@@ -727,7 +727,7 @@ class DAEBinningCallback(DocumentRouter):
                 flush_gen = self._flush_gen if idle else self._flushed_gen
             flushing = flush_gen > self._flushed_gen
             try:
-                self._write_due(force=flushing or any(item is _CLOSE for item in batch))
+                self._write_due(force=flushing or closing)
                 if flushing:
                     self._flush_summaries()
             except Exception:  # noqa: BLE001
@@ -739,7 +739,7 @@ class DAEBinningCallback(DocumentRouter):
                     self._unfinished -= len(batch)
                     self._flushed_gen = max(self._flushed_gen, flush_gen)
                     self._cond.notify_all()
-            if any(item is _CLOSE for item in batch):
+            if closing:
                 self._h5.close()
                 if self._ahead_pool is not None:
                     self._ahead_pool.shutdown(wait=False)
