@@ -68,6 +68,15 @@ def make_encoder(device: str, untrained: bool):
     return Encoder(GisaxsDAE(), {"name": "untrained", "version": "0"}, device)
 
 
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on now."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 class PostgresCluster:
     """A throw-away PostgreSQL cluster on a free loopback port (``initdb`` + ``pg_ctl`` on PATH;
     run as the ``postgres`` user when this process is root), with two databases: the Tiled
@@ -76,15 +85,12 @@ class PostgresCluster:
     def __init__(self) -> None:
         import os
         import shutil
-        import socket
         import subprocess
 
         for exe in ("initdb", "pg_ctl", "psql"):
             if shutil.which(exe) is None:
                 raise SystemExit(f"--postgres needs PostgreSQL's {exe} on PATH")
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = sock.getsockname()[1]
+        self.port = free_port()
         # its own folder in the system temp dir: the postgres user must be able to reach it
         self.dir = directory = Path(tempfile.mkdtemp(prefix="gisaxs-bench-pg-"))
         as_user = []
@@ -119,15 +125,12 @@ class TiledProcess:
 
     def __init__(self, directory: Path, postgres: PostgresCluster | None = None) -> None:
         import secrets
-        import socket
         import subprocess
         import sys
 
         directory.mkdir(parents=True, exist_ok=True)
         (directory / "data").mkdir(exist_ok=True)
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = sock.getsockname()[1]
+        self.port = free_port()
         self.api_key = secrets.token_hex(8)
         if postgres is None:
             catalog, tables = directory / "catalog.db", f"sqlite:///{directory / 'tables.sqlite'}"
@@ -165,7 +168,6 @@ class ZmqConsumerProcess:
 
     def __init__(self, server: TiledProcess, workdir: Path, device: str,
                  batch_size: int) -> None:
-        import socket
         import subprocess
         import sys
 
@@ -173,11 +175,7 @@ class ZmqConsumerProcess:
 
         from gisaxs_bluesky.serve import wait_until_connected
 
-        ports = []
-        for _ in range(2):
-            with socket.socket() as sock:
-                sock.bind(("127.0.0.1", 0))
-                ports.append(sock.getsockname()[1])
+        ports = [free_port(), free_port()]
         self.procs = [subprocess.Popen(
             [sys.executable, "-c", "from bluesky.callbacks.zmq import Proxy; "
              f"Proxy({ports[0]}, {ports[1]}).start()"])]
