@@ -1,0 +1,30 @@
+"""Frame sources: from Bluesky documents or catalogued runs to frames with their metadata.
+
+One path for every consumer (the live callback, replay, ``serve``, the adaptive live
+encoder): :class:`RunFrames` routes one run's documents (inline event data, HDF5
+``stream_resource``/``stream_datum`` read live with SWMR, legacy ``resource``/``datum``
+through :class:`event_model.Filler`'s handler registry, or the frames TiledWriter stored) and
+hands each frame to its consumer as a :class:`FrameRef`: the pixels (copied) or a loader, the
+seq_num, time, motor positions and a per-frame metadata record (stream, image key, source, and
+the frame's geometry where a resolver gives one).
+"""
+
+from .errors import FrameSourceError
+from .readers import FrameReaders, TiledFrameLoader
+from .record import FrameRef, as_float, find_image_key, image_shape, scanned_motors
+from .router import RunFrames, RunFramesOptions
+from .uri import uri_to_path
+
+__all__ = [
+    "FrameReaders",
+    "FrameRef",
+    "FrameSourceError",
+    "RunFrames",
+    "RunFramesOptions",
+    "TiledFrameLoader",
+    "as_float",
+    "find_image_key",
+    "image_shape",
+    "scanned_motors",
+    "uri_to_path",
+]
