@@ -1,13 +1,13 @@
 """Live per-frame DAE results for the adaptive plan: callback -> queue -> plan.
 
-:class:`LiveEncoder` is a light in-process RunEngine subscriber: it pairs each event with its
-``stream_datum``, reads the frame from the detector's SWMR HDF5 file, and a worker thread
-encodes + bins it (the plan waits on :meth:`LiveEncoder.wait` through ``bps.wait_for``, so the
+:class:`LiveEncoder` is a light in-process RunEngine subscriber: frames come through the
+package's frame-source layer (:mod:`gisaxs_bluesky.frames`, as in the live callback), and a
+worker thread encodes + bins them (the plan waits on :meth:`LiveEncoder.wait` through ``bps.wait_for``, so the
 RunEngine loop stays responsive). Optionally it writes the rows to Tiled with
 :class:`gisaxs_bluesky.store.DerivedStore`, in the same layout as the DAE binning callback.
 
-:class:`DerivedCallbackResults` adapts the real ``DAEBinningCallback`` (its ``flush``/``wait``
-and its Tiled node) to the same two-method interface, :class:`ResultsSource`.
+:class:`DerivedCallbackResults` adapts the real ``DAEBinningCallback`` (its ``wait`` and its
+Tiled node) to the same two-method interface, :class:`ResultsSource`.
 """
 
 from __future__ import annotations
@@ -17,13 +17,14 @@ import queue
 import threading
 import time
 from collections.abc import Sequence
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
-from urllib.parse import unquote, urlparse
 
 import numpy as np
+from event_model import RunRouter
 
-from ..h5live import SwmrFrameReader
+from ..frames import FrameReaders, FrameRef, RunFrames, RunFramesOptions
+from ..pipeline import BinningPipeline
 from .core import ScanResults
 
 __all__ = ["DerivedCallbackResults", "LiveEncoder", "ResultsSource"]
@@ -35,26 +36,27 @@ logger = logging.getLogger(__name__)
 class ResultsSource(Protocol):
     """What :func:`adaptive_scan` needs from a live analysis: wait for it, then read it."""
 
-    def wait(self, timeout: float = 120.0) -> None:
-        """Block until every frame emitted so far has been analysed (raise on failure)."""
+    def wait(self, timeout: float | None = None) -> bool:
+        """True once every frame emitted so far has been analysed; False on timeout."""
 
     def results(self, run_uid: str) -> ScanResults:
         """Per-frame results of run ``run_uid`` so far."""
 
 
-def _uri_path(uri: str) -> Path:
-    parsed = urlparse(uri)
-    if parsed.scheme not in ("", "file"):
-        raise ValueError(f"stream_resource uri={uri!r}: only file:// URIs can be read")
-    return Path(unquote(parsed.path))
+@dataclass
+class _RunEnd:
+    run: RunFrames
+    stop: dict
 
 
 class LiveEncoder:
     """Subscriber that encodes each frame of ``detector`` with ``encoder`` and bins it.
 
-    ``motors`` are the event data keys recorded as positions (default: every non-detector
-    number in the event). ``store`` (a :class:`gisaxs_bluesky.store.DerivedStore`) also writes
-    the rows to Tiled under ``gisaxs_derived``.
+    Frames come through the package's frame-source layer (:class:`~gisaxs_bluesky.frames.
+    RunFrames`, the live callback's too); ``motors`` are the event readings recorded as
+    positions. ``store`` (a :class:`gisaxs_bluesky.store.DerivedStore`) also writes the rows
+    to Tiled, in the same layout as the DAE binning callback. A frame that cannot be read or
+    encoded gets an unprocessed row, and the reason is kept in :attr:`errors`.
     """
 
     def __init__(
@@ -72,83 +74,41 @@ class LiveEncoder:
         self.detector = detector
         self.motors = tuple(motors)
         self.binner = binner if binner is not None else make_binner(encoder)
+        self.pipeline = BinningPipeline(encoder, self.binner, batch_size=1)
         self.store = store
+        self.errors: list[str] = []
         self._lock = threading.Lock()
         self._queue: queue.Queue = queue.Queue()
-        self._resources: dict[str, dict] = {}
-        self._datums: dict[str, list[dict]] = {}  # descriptor uid -> stream_datum docs
-        self._descriptors: dict[str, dict] = {}
-        self._pending: dict[str, list[dict]] = {}  # events waiting for their datum
         self._rows: dict[str, list[dict]] = {}  # run uid -> rows
         self._starts: dict[str, dict] = {}
         self._writers: dict[str, Any] = {}
-        self._errors: list[BaseException] = []
-        self._h5 = SwmrFrameReader(timeout=10.0)  # worker thread only
+        self._readers = FrameReaders(frame_timeout=10.0)
+        self._options = RunFramesOptions(image_key=detector, motors=self.motors)
+        self._router = RunRouter([self._factory])
         self._thread = threading.Thread(target=self._work, name="gisaxs-live-encoder",
                                         daemon=True)
         self._thread.start()
 
     # ------------------------------------------------------------------ documents (RE thread)
     def __call__(self, name: str, doc: dict) -> None:
-        handler = getattr(self, f"_on_{name}", None)
-        if handler is not None:
-            handler(doc)
+        try:
+            self._router(name, doc)
+        except Exception as exc:  # noqa: BLE001 - never abort the scan
+            logger.exception("LiveEncoder failed on a %r document", name)
+            self.errors.append(f"{name} document: {type(exc).__name__}: {exc}")
 
-    def _on_start(self, doc: dict) -> None:
+    def _factory(self, name: str, start: dict) -> tuple[list, list]:
         with self._lock:
-            self._starts[doc["uid"]] = doc
-            self._rows.setdefault(doc["uid"], [])
+            self._starts[start["uid"]] = dict(start)
+            self._rows.setdefault(start["uid"], [])
+        run = RunFrames(start, emit=self._queue.put, readers=self._readers,
+                        options=self._options, note=self.errors.append)
 
-    def _on_descriptor(self, doc: dict) -> None:
-        with self._lock:
-            self._descriptors[doc["uid"]] = doc
+        def on_stop(doc_name: str, doc: dict) -> None:
+            if doc_name == "stop":
+                self._queue.put(_RunEnd(run, doc))
 
-    def _on_stream_resource(self, doc: dict) -> None:
-        if doc.get("data_key") == self.detector:
-            with self._lock:
-                self._resources[doc["uid"]] = doc
-
-    def _on_stream_datum(self, doc: dict) -> None:
-        with self._lock:
-            if doc["stream_resource"] not in self._resources:
-                return
-            self._datums.setdefault(doc["descriptor"], []).append(doc)
-            waiting = self._pending.pop(doc["descriptor"], [])
-        for event in waiting:
-            self._on_event(event)
-
-    def _on_event(self, doc: dict) -> None:
-        with self._lock:
-            desc = self._descriptors.get(doc["descriptor"])
-            if desc is None or self.detector not in desc.get("data_keys", {}):
-                return
-            item = self._locate(doc)
-            if item is None:
-                self._pending.setdefault(doc["descriptor"], []).append(doc)
-                return
-        self._queue.put(item)
-
-    def _locate(self, event: dict) -> dict | None:
-        seq = int(event["seq_num"])
-        for datum in self._datums.get(event["descriptor"], []):
-            s0, s1 = datum["seq_nums"]["start"], datum["seq_nums"]["stop"]
-            if s0 <= seq < s1:
-                res = self._resources[datum["stream_resource"]]
-                index = int(datum["indices"]["start"]) + (seq - s0)
-                desc = self._descriptors[event["descriptor"]]
-                return {
-                    "run": desc["run_start"],
-                    "seq_num": seq,
-                    "time": float(event["time"]),
-                    "path": _uri_path(res["uri"]),
-                    "dataset": res["parameters"]["dataset"],
-                    "index": index,
-                    "positions": {m: float(event["data"].get(m, np.nan)) for m in self.motors},
-                }
-        return None
-
-    def _on_stop(self, doc: dict) -> None:
-        self._queue.put({"stop": doc})
+        return [run, on_stop], []
 
     # --------------------------------------------------------------------- worker thread
     def _work(self) -> None:
@@ -156,82 +116,61 @@ class LiveEncoder:
             item = self._queue.get()
             try:
                 if item is None:
-                    self._h5.close()
+                    self._readers.close()
                     return
-                if "stop" in item:
-                    self._finish(item["stop"])
+                if isinstance(item, _RunEnd):
+                    self._finish(item)
                 else:
                     self._encode(item)
-            except BaseException as exc:  # noqa: BLE001 - reported by wait()
+            except Exception as exc:  # noqa: BLE001 - the worker must survive anything
                 logger.exception("live encoding failed")
-                self._errors.append(exc)
+                self.errors.append(f"{type(exc).__name__}: {exc}")
             finally:
                 self._queue.task_done()
 
-    def _encode(self, item: dict) -> None:
-        frame = self._h5.read(item["path"], item["dataset"], item["index"])
-        enc = self.encoder.encode(frame)
-        assign = self.binner.assign(enc.identity_latent, enc.recon_error)
-        row = {
-            "seq_num": item["seq_num"],
-            "time": item["time"],
-            "bin_id": int(assign.bin_id[0]),
-            "outlier_score": float(assign.outlier_score[0]),
-            "is_outlier": bool(assign.is_outlier[0]),
-            "recon_error": float(enc.recon_error[0]),
-            "noise_prob": enc.noise_prob[0].astype(float),
-            "latent": enc.latent[0].astype(float),
-            **item["positions"],
-        }
+    def _encode(self, frame: FrameRef) -> None:
+        pixels = None
+        errors = []
+        try:
+            pixels = frame.load()
+        except Exception as exc:  # noqa: BLE001 - an unprocessed row says so
+            errors.append(f"frame seq_num={frame.seq_num}: cannot read from {frame.source}: "
+                          f"{type(exc).__name__}: {exc}")
+        result = self.pipeline.process(
+            [pixels], [frame.seq_num], [frame.time],
+            {m: [frame.positions.get(m, np.nan)] for m in self.motors})
+        self.errors += errors + [e for e in result.errors if not errors]
+        row = {k: v[0] for k, v in result.rows.items()}
         with self._lock:
-            self._rows.setdefault(item["run"], []).append(row)
+            self._rows.setdefault(frame.run_uid, []).append(row)
         if self.store is not None:
-            self._write(item["run"], row)
+            self._writer(frame.run_uid).append(result.rows)
 
-    def _write(self, run: str, row: dict) -> None:
+    def _writer(self, run: str) -> Any:
         writer = self._writers.get(run)
         if writer is None:
             start = self._starts.get(run, {})
-            writer = self.store.open(
-                run,
-                scan_id=start.get("scan_id"),
-                model=self.encoder.info(),
-                binner=self.binner.settings(),
-                latent_dim=int(self.encoder.latent_dim),
-                noise_kinds=list(self.encoder.noise_kinds),
-                motors=list(self.motors),
-                extra_metadata={"writer": "gisaxs_bluesky.adaptive.LiveEncoder"},
-            )
-            self._writers[run] = writer
-        cols: dict[str, Any] = {
-            k: np.array([row[k]]) for k in
-            ("seq_num", "time", "bin_id", "outlier_score", "is_outlier", "recon_error",
-             *self.motors)
-        }
-        cols["latent"] = row["latent"][None]
-        cols["noise_prob"] = row["noise_prob"][None]
-        writer.append(cols)
+            writer = self._writers[run] = self.pipeline.open_writer(
+                self.store, run, scan_id=start.get("scan_id"), motors=list(self.motors),
+                extra_metadata={"writer": "gisaxs_bluesky.adaptive.LiveEncoder"})
+        return writer
 
-    def _finish(self, stop: dict) -> None:
-        self._h5.close()
-        writer = self._writers.pop(stop["run_start"], None)
+    def _finish(self, end: _RunEnd) -> None:
+        end.run.release()
+        writer = self._writers.pop(end.run.uid, None)
         if writer is not None:
-            status = "complete" if stop.get("exit_status") == "success" else "failed"
+            status = "complete" if end.stop.get("exit_status") == "success" else "failed"
             writer.finish(status)
 
     # ------------------------------------------------------------------------- plan side
-    def wait(self, timeout: float = 120.0) -> None:
-        """Block until every queued frame is encoded; re-raise the first worker error."""
-        deadline = time.monotonic() + timeout
+    def wait(self, timeout: float | None = 120.0) -> bool:
+        """True once every frame seen so far is encoded (and written); False on timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         while self._queue.unfinished_tasks:
-            if time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"live encoding still has {self._queue.unfinished_tasks} frame(s) queued "
-                    f"after timeout={timeout} s"
-                )
+            if deadline is not None and time.monotonic() > deadline:
+                return False
             time.sleep(0.005)
-        if self._errors:
-            raise RuntimeError(f"live encoding failed: {self._errors[0]!r}") from self._errors[0]
+        return True
 
     def rows(self, run_uid: str) -> list[dict]:
         """Copies of the result rows of ``run_uid`` (seq_num order)."""
@@ -270,11 +209,10 @@ class DerivedCallbackResults:
         self.motors = tuple(motors)
         self.root = root
 
-    def wait(self, timeout: float = 120.0) -> None:
-        """Block on the callback's ``wait``/``flush``; TimeoutError if it does not drain."""
-        fn = getattr(self.callback, "wait", None) or getattr(self.callback, "flush")
-        if fn(timeout=timeout) is False:
-            raise TimeoutError(f"DAE binning callback still busy after timeout={timeout} s")
+    def wait(self, timeout: float | None = 120.0) -> bool:
+        """The callback's :meth:`~gisaxs_bluesky.callbacks.DAEBinningCallback.wait`: True once
+        every frame is binned and its row is in Tiled; False on timeout."""
+        return bool(self.callback.wait(timeout=timeout))
 
     def node_for(self, run_uid: str) -> Any:
         """The callback's derived node of ``run_uid`` (None before its first row)."""

@@ -179,7 +179,8 @@ class LiveEvaluation:
         self.__name__ = "LiveEvaluation"
 
     def __call__(self, uid: str, suggestions: Sequence[Mapping]) -> list[dict[str, Any]]:
-        self.live.wait(self.timeout)
+        if not self.live.wait(self.timeout):
+            raise TimeoutError(f"live results not complete after timeout={self.timeout} s")
         try:
             order = list(self.live.start_doc(uid).get("blop_acquisition_order") or [])
         except (KeyError, AttributeError):

@@ -115,7 +115,8 @@ def adaptive_scan(
             return asyncio.ensure_future(asyncio.to_thread(callback.wait, wait_timeout))
 
         (fut,) = yield from bps.wait_for([factory])
-        fut.result()  # re-raise analysis failures in the plan
+        if not fut.result():
+            raise TimeoutError(f"live results not complete after wait_timeout={wait_timeout} s")
 
     @bpp.stage_decorator(list(detectors))
     def inner() -> MsgGenerator[str]:

@@ -25,12 +25,14 @@ GeometryResolver = Callable[[Mapping[str, Any], Mapping[str, Any], Mapping[str, 
 @dataclass(frozen=True)
 class RunFramesOptions:
     """Which frames of a run: the image key (default: the 2-D data key of the descriptor) of
-    the stream ``stream_name`` (default: the first stream with an image), and how a frame's
-    geometry is found (``geometry``; None: frames carry no geometry)."""
+    the stream ``stream_name`` (default: the first stream with an image), how a frame's
+    geometry is found (``geometry``; None: frames carry no geometry) and which readings are
+    its motor positions (``motors``; None: the start document's ``motors`` or hints)."""
 
     image_key: str | None = None
     stream_name: str | None = None
     geometry: GeometryResolver | None = None
+    motors: tuple[str, ...] | None = None  # positions recorded (None: the start's motors)
 
 
 @dataclass
@@ -63,8 +65,9 @@ class RunFrames(DocumentRouter):
             raise ValueError(f"start document without a uid: {start!r}")
         self.start_doc = dict(start)
         self.uid = str(start["uid"])
-        self.motors = scanned_motors(start)
         self.options = options or RunFramesOptions()
+        self.motors = (list(self.options.motors) if self.options.motors is not None
+                       else scanned_motors(start))
         self.readers = readers
         self._emit_cb = emit
         self._note_cb = note or (lambda message: logger.warning("run %s: %s", self.uid, message))
