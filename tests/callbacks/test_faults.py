@@ -370,3 +370,71 @@ def test_spill_folders_are_per_callback(tiled_client, tmp_path):
     assert a.spill_dir == b.spill_dir and a._spill_tag != b._spill_tag
     with pytest.raises(ValueError, match="retry_interval"):
         make_callback(tiled_client, tmp_path, retry_interval=0)
+
+
+class OutageDetector(InlineDetector):
+    """Inline detector; ``at_read(i)`` is called before the i-th frame (1-based) is read."""
+
+    def __init__(self, frames, at_read) -> None:
+        super().__init__(frames)
+        self.at_read = at_read
+
+    def read(self):
+        self.at_read(self.i + 1)
+        return super().read()
+
+
+@pytest.mark.parametrize("tiled_writer_backup", [False, True])
+def test_tiled_outage_with_tiledwriter(RE, tiled_server, tmp_path, monkeypatch,
+                                       tiled_writer_backup):
+    """Tiled goes down mid-scan with TiledWriter subscribed (after the callback, as the README
+    says). Without a backup directory TiledWriter aborts the scan: the callback still gets the
+    stop document and closes its node "failed" with the RunEngine's reason. With
+    ``backup_directory`` the scan completes, TiledWriter keeps the raw documents in JSONL, and
+    the node is "complete". Either way every frame sent gets its row once Tiled is back."""
+    import tiled.client.utils
+
+    from bluesky_tiled_plugins import TiledWriter
+
+    monkeypatch.setattr(tiled.client.utils, "TILED_RETRY_TIMEOUT", 2.0)  # give up in seconds
+    client = tiled_server.client()
+    cb = make_callback(client, tmp_path, write_lock=None, retry_interval=0.5)
+    sent: list[int] = []
+    RE.subscribe(cb)
+    RE.subscribe(lambda name, doc: sent.append(doc["seq_num"]) if name == "event" else None)
+    backup = tmp_path / "tiledwriter_backup"
+    RE.subscribe(TiledWriter(tiled_server.client(), batch_size=1,
+                             backup_directory=str(backup) if tiled_writer_backup else None))
+
+    def outage(i):
+        if i == 4:
+            assert cb.wait(60)
+            tiled_server.stop()
+
+    (x,) = make_motors("x")
+    det = OutageDetector(blob_frames(8), outage)
+    uids: list[str] = []
+    RE.subscribe(lambda name, doc: uids.append(doc["uid"]) if name == "start" else None)
+    if tiled_writer_backup:
+        RE(bp.scan([det], x, 0.0, 1.0, 8))
+        assert sent == list(range(1, 9)) and list(backup.glob("*.jsonl"))
+    else:
+        with pytest.raises(Exception):  # noqa: B017 - whatever TiledWriter raised
+            RE(bp.scan([det], x, 0.0, 1.0, 8))
+        assert 4 <= len(sent) < 8
+    tiled_server.start()
+    assert cb.wait(60)
+    deadline = time.monotonic() + 30
+    while cb.pending and time.monotonic() < deadline:
+        time.sleep(0.2)
+    node = derived_node(tiled_server.client(), uids[0])
+    rows = read_rows(node)
+    assert rows["seq_num"].tolist() == sent
+    md = node.metadata
+    assert md["n_frames"] == len(sent) and sum(md["bin_summary"]["counts"]) == len(sent)
+    if tiled_writer_backup:
+        assert md["status"] == "complete", md["errors"]
+    else:
+        assert md["status"] == "failed" and md["raw_exit_status"] in ("fail", "abort")
+        assert md["raw_reason"]
+    cb.close()
