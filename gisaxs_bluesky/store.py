@@ -436,6 +436,7 @@ class DerivedRunWriter:
         """
         if probe and not self.store.reachable():
             self._node = self._table = None
+            self.fault = f"Tiled unreachable (no answer from {self.store.server})"
             return False
         if self._table is not None:
             return True
@@ -759,6 +760,14 @@ class DerivedStore:
             if not _retryable(exc):
                 raise
             logger.warning("%s creating %r", describe_fault(exc), root)
+
+    @property
+    def server(self) -> str:
+        """The Tiled server's API address (no credentials)."""
+        try:
+            return str(self.client.context.api_uri).split("?")[0]
+        except Exception:  # noqa: BLE001
+            return "?"
 
     def reachable(self) -> bool:
         """A fast request (no client retries) to tell whether Tiled answers at all.

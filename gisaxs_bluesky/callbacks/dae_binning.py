@@ -29,18 +29,24 @@ once; sooner when ``max_write_rows`` rows wait; all of them at :meth:`~DAEBinnin
 and at the run's end), since each Tiled write costs about as much as encoding a batch.
 
 Queue-full policy: at most ``max_queue`` frames whose pixels are held in memory (inline
-frames) wait for the worker. When that bound is reached the RunEngine thread waits up to
-``put_timeout`` seconds; if still full, the frame is *spilled* to ``spill_dir`` as ``.npy`` and
-queued as a file reference (a few bytes), processed in order when the worker catches up and
-counted in ``n_spilled``. Frames read from files or Tiled are always queued as references.
+frames, copied on arrival: a detector may reuse its buffer) wait for the worker. When that
+bound is reached the frame is *spilled* at once (``put_timeout``: 0 s by default; each second
+of it is a second the RunEngine waits per frame) to a folder of this callback's own under
+``spill_dir`` as ``.npy`` and queued as a file reference (a few bytes), processed in order when
+the worker catches up and counted in ``n_spilled``. Frames read from files or Tiled are always queued as references.
 Only if spilling fails too (disk full) is a frame dropped: it still gets a row
 (``bin_id == UNPROCESSED_BIN``), its seq_num goes into ``dropped_seq_nums`` and the reason into
 the node's ``errors``. No frame disappears silently.
 
 Failures (bad frame shape/dtype/NaN, missing image key, unreadable file, model error, Tiled
-down) are logged and recorded (``DerivedRunWriter.record_error``); rows of unreadable or
-unencodable frames have ``bin_id == UNPROCESSED_BIN``. Nothing is raised into the RunEngine.
-Tiled faults are absorbed by the store's local backup and re-sent later.
+down, malformed documents) are logged and recorded (``DerivedRunWriter.record_error``); rows of
+unreadable or unencodable frames have ``bin_id == UNPROCESSED_BIN``. Nothing is raised into
+the RunEngine. Tiled faults (down, 5xx, a key refused with 401/403) are absorbed by the store's
+local backup (rows, final metadata, the reason): re-sent every ``retry_interval`` s and at
+:meth:`~DAEBinningCallback.wait`, also after the run has finished (:attr:`pending` lists what
+waits); after :meth:`~DAEBinningCallback.close`, ``DerivedStore.flush_backups()`` does it. The
+node's write lock (:meth:`DerivedStore.node_lock`) keeps a replay of the same run from writing
+it at the same time.
 
 On ``stop`` the worker drains the run's frames, then writes ``status`` (``complete``, or
 ``failed`` when the raw run did not succeed, rows could not be stored, or no frame could be
