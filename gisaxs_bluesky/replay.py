@@ -23,8 +23,9 @@ Faults (missing uid, no 2-D image field, unreadable frame, Tiled down) are repor
 in :class:`RunSummary`; the batch goes on. One writer per derived node on a machine: a replay
 takes the node's lock (:meth:`gisaxs_bluesky.store.DerivedStore.node_lock`) and reports a run
 another replay or the live callback is writing as "busy", writing nothing (no duplicate rows).
-A run without a stop document yet is replayed as far as it is stored and reported "partial".  Frames that cannot be *read* get no row (a later
-replay retries them); frames that are read but invalid get the pipeline's UNPROCESSED row.
+A run without a stop document yet is replayed as far as it is stored and reported "partial".
+Frames that cannot be *read* get no row (a later replay retries them); frames that are read
+but invalid get the pipeline's UNPROCESSED row.
 """
 
 from __future__ import annotations

@@ -33,8 +33,8 @@ frames, copied on arrival: a detector may reuse its buffer) wait for the worker.
 bound is reached the frame is *spilled* at once (``put_timeout``: 0 s by default; each second
 of it is a second the RunEngine waits per frame) to a folder of this callback's own under
 ``spill_dir`` as ``.npy`` and queued as a file reference (a few bytes), processed in order when
-the worker catches up and counted in ``n_spilled``. Frames read from files or Tiled are always queued as references.
-Only if spilling fails too (disk full) is a frame dropped: it still gets a row
+the worker catches up and counted in ``n_spilled``. Frames read from files or Tiled are always
+queued as references. Only if spilling fails too (disk full) is a frame dropped: it still gets a row
 (``bin_id == UNPROCESSED_BIN``), its seq_num goes into ``dropped_seq_nums`` and the reason into
 the node's ``errors``. No frame disappears silently.
 
@@ -893,7 +893,9 @@ class DAEBinningCallback(DocumentRouter):
                 self._store = DerivedStore(self.client, root=self.root, backup_dir=self.backup_dir)
             key = self._store.node_key(run.uid, self.encoder.info())
             run.lock = self._store.node_lock(key) if self._lock_nodes else None
-            if run.lock is not None and not run.lock.acquire(timeout=1.0):  # a replay of this run, from this machine
+            # held by a replay of this run, from this machine: write anyway (stored seq_nums
+            # are skipped), the live rows come first
+            if run.lock is not None and not run.lock.acquire(timeout=1.0):
                 self._note(run, f"node {key} is also being written by {run.lock.holder()} "
                                 "(a replay?); rows already stored are not written twice")
                 run.lock = None

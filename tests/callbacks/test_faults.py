@@ -395,7 +395,6 @@ def test_tiled_outage_with_tiledwriter(RE, tiled_server, tmp_path, monkeypatch,
     ``backup_directory`` the scan completes, TiledWriter keeps the raw documents in JSONL, and
     the node is "complete". Either way every frame sent gets its row once Tiled is back."""
     import tiled.client.utils
-
     from bluesky_tiled_plugins import TiledWriter
 
     monkeypatch.setattr(tiled.client.utils, "TILED_RETRY_TIMEOUT", 2.0)  # give up in seconds
