@@ -37,6 +37,7 @@ logger = logging.getLogger(__name__)
 
 #: bin id of frames that were not encoded (bad frame or model failure; see errors)
 UNPROCESSED_BIN = -2
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def check_frame(
@@ -45,11 +46,17 @@ def check_frame(
     expected_shape: tuple[int, ...] | None = None,
     max_nonfinite_fraction: float = 0.05,
     label: str = "frame",
+    mask: np.ndarray | None = None,
+    require_signal: bool = False,
 ) -> tuple[np.ndarray | None, str | None]:
     """Validate one detector frame: returns (2-D array, None) or (None, reason naming the fault).
 
     Accepts (H, W) or (1, H, W); numeric (int/uint/float) dtypes only; at most
-    ``max_nonfinite_fraction`` NaN/inf pixels; the shape must match ``expected_shape`` if given.
+    ``max_nonfinite_fraction`` NaN/inf pixels; values within the float32 range (the model's);
+    the shape must match ``expected_shape`` if given; at least one data pixel (>= 0: detectors
+    flag gaps -1 and bad pixels -2; finite; not in ``mask``). ``require_signal`` (the pipeline
+    sets it) also refuses a frame whose data pixels all have one value. Such frames have
+    nothing to bin: encoded, they get recon_error 0 and open a bin of their own that persists.
     """
     try:
         a = np.asarray(frame)
@@ -73,6 +80,19 @@ def check_frame(
                 f"{label}: {bad} of {a.size} pixels are non-finite ({n_nan} NaN, {bad - n_nan} "
                 f"inf), above max_nonfinite_fraction={max_nonfinite_fraction}"
             )
+    data = a >= 0  # detectors flag gaps -1 and bad pixels -2; NaN compares False
+    if mask is not None and mask.shape == a.shape:
+        data &= ~mask
+    values = a[data]
+    if values.size == 0:
+        return None, (f"{label}: no data pixel (all {a.size} pixels are gaps, bad, masked or "
+                      "non-finite)")
+    lo, hi = values.min(), values.max()
+    if a.dtype.kind == "f" and hi > _FLOAT32_MAX:
+        return None, (f"{label}: pixel values up to {float(hi):.3g} exceed the float32 range "
+                      f"({_FLOAT32_MAX:.3g}) the model computes in")
+    if require_signal and lo == hi:
+        return None, f"{label}: no signal (all {values.size} data pixels are {float(lo):g})"
     return a, None
 
 
@@ -202,6 +222,8 @@ class BinningPipeline:
                 expected_shape=expected_shape,
                 max_nonfinite_fraction=self.max_nonfinite_fraction,
                 label=label,
+                mask=self.mask,
+                require_signal=True,
             )
             if why is not None:
                 errors.append(why)
@@ -254,6 +276,14 @@ class BinningPipeline:
                 f"model error for frames seq_num={seq[idx].tolist()}: {type(exc).__name__}: {exc}"
             )
             return PipelineResult(rows, errors)
+        finite = (np.isfinite(enc.latent).all(axis=1) & np.isfinite(enc.recon_error))
+        if not finite.all():  # never into the binner: a NaN centroid spoils every later frame
+            errors.append(f"model gave non-finite latents for frames seq_num="
+                          f"{seq[idx[~finite]].tolist()}; not binned")
+            if not finite.any():
+                return PipelineResult(rows, errors)
+            idx = idx[finite]
+            enc = _select_rows(enc, finite)
         assignment = self.binner.assign(enc.identity_latent, enc.recon_error)
         rows["latent"][idx] = enc.latent
         rows["noise_prob"][idx] = enc.noise_prob
@@ -302,3 +332,12 @@ class BinningPipeline:
         if result.errors:
             writer.record_error("; ".join(result.errors))
         return result
+
+
+def _select_rows(enc: Any, keep: np.ndarray) -> Any:
+    """The rows ``keep`` of an :class:`~gisaxs_bluesky.models.inference.EncodeResult`."""
+    import dataclasses
+
+    changes = {f.name: getattr(enc, f.name)[keep] for f in dataclasses.fields(enc)
+               if isinstance(getattr(enc, f.name), np.ndarray)}
+    return dataclasses.replace(enc, **changes)

@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import xarray as xr
-from tiled.queries import Eq, KeyPresent
+from tiled.queries import Eq, KeyPresent, SpecsQuery
 
-from .store import TABLE_KEY, read_derived
+from .store import DERIVED_SPEC, TABLE_KEY, read_derived
 
 __all__ = [
     "DEFAULT_ROOT",
@@ -46,10 +46,14 @@ def _model_queries(model: ModelSpec) -> list[list[Any]]:
 def derived_nodes(
     client: Any, *queries: Any, model: ModelSpec = None, root: str = DEFAULT_ROOT
 ) -> Iterator[tuple[str, Any]]:
-    """Yield (key, node) of derived nodes matching all ``queries`` and ``model`` (server-side)."""
+    """Yield (key, node) of derived nodes matching all ``queries`` and ``model`` (server-side).
+
+    Only nodes with the ``GISAXSDerived`` spec: the root also holds other nodes about a run
+    (e.g. its ``<raw_uid>-suggestions``) that carry ``raw_uid`` but no ``frames`` table.
+    """
     if root not in client:
         return
-    base = client[root]
+    base = client[root].search(SpecsQuery(include=[DERIVED_SPEC]))
     seen: set[str] = set()
     for alternative in _model_queries(model):
         results = base

@@ -20,8 +20,12 @@ stored identity latents in seq order, so bins continue as if the replay had not 
 Another model version writes its own node beside the first.
 
 Faults (missing uid, no 2-D image field, unreadable frame, Tiled down) are reported per run
-in :class:`RunSummary`; the batch goes on.  Frames that cannot be *read* get no row (a later
-replay retries them); frames that are read but invalid get the pipeline's UNPROCESSED row.
+in :class:`RunSummary`; the batch goes on. One writer per derived node on a machine: a replay
+takes the node's lock (:meth:`gisaxs_bluesky.store.DerivedStore.node_lock`) and reports a run
+another replay or the live callback is writing as "busy", writing nothing (no duplicate rows).
+A run without a stop document yet is replayed as far as it is stored and reported "partial".
+Frames that cannot be *read* get no row (a later replay retries them); frames that are read
+but invalid get the pipeline's UNPROCESSED row.
 """
 
 from __future__ import annotations
@@ -62,7 +66,7 @@ logger = logging.getLogger(__name__)
 
 #: statuses of a RunSummary
 SUMMARY_STATUSES = ("complete", "up-to-date", "partial", "interrupted", "failed", "missing",
-                    "no-image")
+                    "no-image", "busy")
 
 
 class ReplayError(RuntimeError):
@@ -109,6 +113,9 @@ class ReplayOptions:
     batch_size: int = 16
     binner_state: str | None = None  # initial binner (JSON from OnlineBinner.save)
     max_frames: int | None = None  # stop a run after this many new rows (partial replay)
+    # wait this long (s) for another writer of the same node on this machine (another replay,
+    # the live callback) before reporting the run "busy"
+    lock_timeout: float = 0.0
 
     def __post_init__(self) -> None:
         if self.method not in ("auto", "arrays", "documents", "callback"):
@@ -216,10 +223,14 @@ def load_model(spec: str | Any = "pretrained", device: str = "cpu") -> Any:
     text = str(spec)
     if text == "pretrained":
         encoder = load_pretrained(device)
-    elif text.startswith("untrained"):
+    elif text == "untrained" or text.startswith("untrained:"):
         import torch
 
-        seed = int(text.split(":", 1)[1]) if ":" in text else 0
+        try:
+            seed = int(text.split(":", 1)[1]) if ":" in text else 0
+        except ValueError:
+            raise ReplayError(f"model {text!r}: the seed after 'untrained:' must be an integer, "
+                              "e.g. 'untrained:0'") from None
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             model = GisaxsDAE()
@@ -579,6 +590,7 @@ def replay_run(
     summary.model_id = f"{encoder.name}-{encoder.version}"
     errors: list[str] = summary.errors
     writer = None
+    lock = None
     try:
         try:
             source = _open_source(catalog, uid, options)
@@ -588,6 +600,15 @@ def replay_run(
             return summary
         summary.scan_id = source.scan_id
         summary.n_frames = source.n_frames
+        summary.node_key = store.node_key(uid, encoder.info())
+        lock = store.node_lock(summary.node_key)
+        if not lock.acquire(options.lock_timeout):
+            summary.status = "busy"
+            errors.append(f"run {uid}: node {summary.node_key} is being written by "
+                          f"{lock.holder()} (another replay, or the live callback); not "
+                          "replayed, nothing written: replay it again when that one is done")
+            lock = None
+            return summary
         pipeline = BinningPipeline(encoder, _make_binner(encoder, options),
                                    batch_size=options.batch_size)
         writer = pipeline.open_writer(
@@ -602,7 +623,18 @@ def replay_run(
         )
         summary.node_key = writer.key
         skip = set(writer.stored_seq_nums)
-        if isinstance(source, _ArrayRun):
+        if writer.duplicate_rows:
+            errors.append(f"run {uid}: {writer.duplicate_rows} duplicate rows in "
+                          f"{writer.key} (a seq_num stored twice by writers on two hosts at "
+                          "once); readers keep the first row of each seq_num")
+            writer.update_metadata(duplicate_rows=writer.duplicate_rows)
+            writer.record_error(errors[-1])
+        running = _still_running(source)
+        if running:
+            errors.append(f"run {uid}: no stop document yet (still being written, or its "
+                          "writer died): replaying the frames stored so far; replay again "
+                          "once the run has ended")
+        if isinstance(source, _ArrayRun) and not running:
             all_seq = {int(s) for s in source.seq_nums[: source.n_frames]}
             summary.frames_skipped = len(all_seq & skip)
             if all_seq <= skip:
@@ -646,8 +678,12 @@ def replay_run(
             summary.frames_skipped = len(skip)
             if summary.n_frames is None or summary.frames_written + len(skip) > summary.n_frames:
                 summary.n_frames = summary.frames_written + len(skip) + summary.frames_failed
-        if summary.frames_failed or any("legacy resource" in e or "no frame data for" in e
-                                        for e in errors):
+        if running:
+            summary.status = "partial"
+            writer.update_metadata(status="running")
+            writer.flush()
+        elif summary.frames_failed or any("legacy resource" in e or "no frame data for" in e
+                                          for e in errors):
             summary.status = "partial"
             writer.record_error("; ".join(errors[-5:]))
             writer.finish("failed", binner_summary=pipeline.binner.summary())
@@ -674,17 +710,30 @@ def replay_run(
         return summary
     except Exception as exc:  # noqa: BLE001 - one run must not stop the batch
         logger.exception("replay of run %s failed", uid)
-        from .store import is_server_fault
+        from .store import describe_fault
 
-        what = "Tiled unreachable" if is_server_fault(exc) else type(exc).__name__
         summary.status = "failed"
-        errors.append(f"run {uid}: {what}: {exc}")
+        hint = ""
+        with contextlib.suppress(Exception):
+            if _is_sql_run(catalog[uid]) and catalog[uid].metadata.get("stop") is None:
+                hint = (" (the run has no stop document yet: still being written? replay it "
+                        "once it has ended)")
+        errors.append(f"run {uid}: {describe_fault(exc)}{hint}")
         if writer is not None:
             with contextlib.suppress(Exception):
                 writer.record_error(errors[-1])
         return summary
     finally:
         summary.seconds = time.perf_counter() - t0
+        if lock is not None:
+            lock.release()
+
+
+def _still_running(source: Any) -> bool:
+    """Whether the raw run has no stop document (yet) in the catalog."""
+    if isinstance(source, _ArrayRun):
+        return source.run.metadata.get("stop") is None
+    return False
 
 
 def _replay_run_callback(
@@ -705,13 +754,24 @@ def _replay_run_callback(
     try:
         store = DerivedStore(target, root=options.root, backup_dir=options.backup_dir)
         key = store.node_key(uid, encoder.info())
-        before = _stored_rows(store, key)
-        cb = _make_callback(DAEBinningCallback, target, encoder, options)
-        for name, doc in run.documents():
-            cb(name, doc)
-        for meth in ("flush", "wait"):
-            if hasattr(cb, meth):
-                getattr(cb, meth)()
+        lock = store.node_lock(key)
+        if not lock.acquire(options.lock_timeout):
+            summary.status = "busy"
+            summary.errors.append(f"run {uid}: node {key} is being written by {lock.holder()};"
+                                  " not replayed, nothing written")
+            return summary
+        try:
+            before = _stored_rows(store, key)
+            cb = _make_callback(DAEBinningCallback, target, encoder, options)
+            cb._lock_nodes = False  # this replay holds the node's lock
+            for name, doc in run.documents():
+                cb(name, doc)
+            for meth in ("flush", "wait"):
+                if hasattr(cb, meth):
+                    getattr(cb, meth)()
+            cb.close()
+        finally:
+            lock.release()
         after = _stored_rows(store, key)
         summary.node_key = key
         summary.scan_id = run.metadata["start"].get("scan_id")
@@ -838,25 +898,45 @@ def replay_runs(
 _CLIENTS: dict[tuple[str, str | None], Any] = {}
 
 
+def _redact(text: str, secrets: Sequence[str | None] = ()) -> str:
+    """``text`` without API keys: ``api_key=...`` query values and the given secrets."""
+    import re
+
+    text = re.sub(r"(api_key=)[^&\s'\"]+", r"\1***", str(text))
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
+    return text
+
+
 def connect(uri: str, api_key: str | None = None) -> Any:
-    """Tiled client for ``uri``; ReplayError naming the URI when it cannot be reached."""
+    """Tiled client for ``uri``; ReplayError naming the server (never the API key) and what
+    went wrong: unreachable, key refused (401/403), or a server error (5xx)."""
     from tiled.client import from_uri
 
     import httpx
 
+    from .store import describe_fault
+
     key = (uri, api_key)
     if key in _CLIENTS:
         return _CLIENTS[key]
+    where = uri.split("?")[0]
+    uri_key = dict(p.split("=", 1) for p in urlparse(uri).query.split("&") if "=" in p)
+    secrets = [api_key, unquote(uri_key.get("api_key", "")) or None, uri_key.get("api_key")]
     try:  # one quick probe first: the client itself retries for a long time
         httpx.get(uri, timeout=5.0, headers={"Authorization": f"Apikey {api_key}"}
                   if api_key else None)
     except httpx.HTTPError as exc:
-        raise ReplayError(f"cannot reach Tiled at {uri.split('?')[0]!r}: "
-                          f"{type(exc).__name__}: {exc}") from exc
+        raise ReplayError(f"cannot reach Tiled at {where!r}: {type(exc).__name__}: "
+                          f"{_redact(str(exc), secrets)}") from exc
     try:
         client = from_uri(uri, api_key=api_key) if api_key else from_uri(uri)
     except Exception as exc:  # noqa: BLE001 - turn into a clear message
-        raise ReplayError(f"cannot reach Tiled at {uri!r}: {type(exc).__name__}: {exc}") from exc
+        if isinstance(exc, httpx.HTTPStatusError):
+            raise ReplayError(f"{describe_fault(exc)} at {where!r}") from None
+        raise ReplayError(f"cannot connect to Tiled at {where!r}: {type(exc).__name__}: "
+                          f"{_redact(str(exc), secrets)}") from None
     _CLIENTS[key] = client
     return client
 

@@ -20,18 +20,24 @@ float32, ``is_outlier`` bool, ``recon_error`` float32, ``latent_<i>`` float32 (i
 latent_dim), ``noise_prob_<j>`` float32 (j-th noise kind), ``structure`` string,
 ``radius_nm``/``distance_nm`` float64 (NaN when not given), one float64 column per motor.
 
-Resilience: when Tiled is unreachable (transport error / HTTP 5xx), rows are saved as
-append-only ``.npz`` chunks under ``backup_dir/<node key>/`` and re-sent on the next
-append/finish or by ``DerivedStore.flush_backups()``; already-stored seq_nums are re-read
-from Tiled before re-sending, so nothing is duplicated.
+Resilience: when Tiled is unreachable (transport error / HTTP 5xx) or refuses the key
+(HTTP 401/403), rows are saved as append-only ``.npz`` chunks under ``backup_dir/<node key>/``
+with the metadata not yet sent (final status, bin summary, errors) and the reason
+(``fault.txt``), and re-sent on the next append/flush/finish or by
+``DerivedStore.flush_backups()``; already-stored seq_nums are re-read from Tiled before
+re-sending, so nothing is duplicated. Writers of one node on one machine (the live callback, a
+replay, ``flush_backups``) take :meth:`DerivedStore.node_lock` first, so two never write it
+at once; a seq_num stored twice all the same (two hosts) is read back once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
+import socket
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -51,9 +57,13 @@ __all__ = [
     "STATUSES",
     "DerivedStore",
     "DerivedRunWriter",
+    "NodeBusyError",
+    "NodeLock",
     "read_derived",
     "default_backup_dir",
     "is_server_fault",
+    "is_refused",
+    "describe_fault",
 ]
 
 logger = logging.getLogger(__name__)
@@ -92,6 +102,32 @@ def is_server_fault(exc: BaseException) -> bool:
         # SQLite storage busy with another writer; an in-process app raises it unwrapped
         return True
     return isinstance(exc, (httpx.TransportError, ConnectionError, TimeoutError))
+
+
+def is_refused(exc: BaseException) -> bool:
+    """True when Tiled refused the request for its credentials (HTTP 401/403: a key revoked
+    or rotated, no write permission): the request itself was fine and can be re-sent later."""
+    return isinstance(exc, httpx.HTTPStatusError) and exc.response.status_code in (401, 403)
+
+
+def _retryable(exc: BaseException) -> bool:
+    """Faults after which rows are kept in the local backup and re-sent later."""
+    return is_server_fault(exc) or is_refused(exc)
+
+
+def describe_fault(exc: BaseException) -> str:
+    """One line for the user: what Tiled answered (never the API key)."""
+    if isinstance(exc, httpx.HTTPStatusError):
+        code = exc.response.status_code
+        what = {401: "refused the API key (HTTP 401: missing, revoked or rotated)",
+                403: "refused the write (HTTP 403: no write permission)"}.get(code)
+        if what is None:
+            what = (f"answered with a server error (HTTP {code})" if code >= 500
+                    else f"rejected the request (HTTP {code})")
+        return f"Tiled {what}"
+    if isinstance(exc, httpx.TransportError | ConnectionError | TimeoutError):
+        return f"Tiled unreachable ({type(exc).__name__}: {exc})"
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _latent_col(i: int) -> str:
@@ -262,6 +298,21 @@ class _Backup:
         elif p.exists():
             p.unlink()
 
+    def fault(self) -> str | None:
+        p = self.dir / "fault.txt"
+        return p.read_text() if p.exists() else None
+
+    def set_fault(self, reason: str | None) -> None:
+        """Why rows wait here (e.g. Tiled refused the key), for the user who looks in the dir."""
+        p = self.dir / "fault.txt"
+        if reason:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            tmp = p.with_suffix(".tmp")
+            tmp.write_text(reason + "\n")
+            os.replace(tmp, p)
+        elif p.exists():
+            p.unlink()
+
     def cleanup(self) -> None:
         """Remove the directory when nothing is pending."""
         if self.dir.exists() and not self.chunks() and not (self.dir / "metadata.json").exists():
@@ -310,6 +361,9 @@ class DerivedRunWriter:
         self._summary_at = -float("inf")
         self._summary_stale = False
         self.flushed_at_open = 0  # rows re-sent from the backup while opening
+        # why rows or metadata last waited in the backup (None: all in Tiled)
+        self.fault: str | None = self._backup.fault()
+        self.duplicate_rows = 0  # rows in Tiled whose seq_num is stored more than once
         self._connect()
         if self._backup.chunks() or self._md_dirty:
             self.flushed_at_open = self.flush()
@@ -329,6 +383,20 @@ class DerivedRunWriter:
     def pending_rows(self) -> int:
         """Rows held in the local backup, not yet in Tiled."""
         return len(self._backup.seq_nums())
+
+    @property
+    def pending(self) -> bool:
+        """Whether rows or metadata (e.g. the final status) wait in the local backup."""
+        return bool(self._backup.chunks()) or self._md_dirty
+
+    @property
+    def backup_path(self) -> Path:
+        """Directory of this node's local backup (rows, metadata and ``fault.txt``)."""
+        return self._backup.dir
+
+    def _note_fault(self, exc: BaseException, doing: str) -> None:
+        self.fault = f"{describe_fault(exc)} while {doing} {self.key}"
+        logger.warning("%s", self.fault)
 
     def _initial_metadata(self) -> dict[str, Any]:
         p = self.params
@@ -368,6 +436,7 @@ class DerivedRunWriter:
         """
         if probe and not self.store.reachable():
             self._node = self._table = None
+            self.fault = f"Tiled unreachable (no answer from {self.store.server})"
             return False
         if self._table is not None:
             return True
@@ -406,15 +475,19 @@ class DerivedRunWriter:
                 self._refresh_from_server()
             return True
         except Exception as exc:
-            if not is_server_fault(exc):
+            if not _retryable(exc):
                 raise
-            logger.warning("Tiled unreachable while opening %s: %s", self.key, exc)
+            self._note_fault(exc, "opening")
             self._node = self._table = None
             return False
 
     def _refresh_from_server(self) -> None:
         """Re-read seq_num/bin_id/is_outlier from Tiled to seed dedup and summaries."""
         df = self._table.read(columns=["seq_num", "bin_id", "is_outlier"])
+        # rows of a seq_num stored twice (two writers at once on different hosts) count once
+        first = ~df["seq_num"].duplicated()
+        self.duplicate_rows = int((~first).sum())
+        df = df[first]
         self.stored_seq_nums = {int(s) for s in df["seq_num"]}
         self._bin_counts = Counter(int(b) for b in df["bin_id"])
         self._outliers = int(np.asarray(df["is_outlier"], dtype=bool).sum())
@@ -444,11 +517,13 @@ class DerivedRunWriter:
         if self._backup.chunks() or not self._send(cols):
             self._backup.write_open_params(self.params)
             self._backup.add_rows(cols)
+            self._backup.set_fault(self.fault)
             logger.warning(
-                "Tiled unreachable: %d rows for %s kept in %s",
+                "%s: %d rows for %s kept in %s", self.fault or "Tiled unreachable",
                 len(cols["seq_num"]), self.key, self._backup.dir,
             )
             self._md_dirty = True
+            self._keep_metadata()
             return
         if time.monotonic() - self._summary_at >= self.store.summary_interval:
             self._push_metadata(probe=False)  # Tiled has just taken the rows
@@ -462,9 +537,9 @@ class DerivedRunWriter:
         try:
             self._table.append_partition(0, self.layout.to_arrow(cols))
         except Exception as exc:
-            if not is_server_fault(exc):
+            if not _retryable(exc):
                 raise
-            logger.warning("Tiled append failed for %s: %s", self.key, exc)
+            self._note_fault(exc, "appending rows to")
             self._node = self._table = None  # re-read stored seq_nums on reconnect
             return False
         self.stored_seq_nums.update(int(s) for s in cols["seq_num"])
@@ -481,13 +556,16 @@ class DerivedRunWriter:
         sent = 0
         if chunks:
             if not self._connect():
+                self._keep_metadata()
                 return 0
             try:
                 self._refresh_from_server()
             except Exception as exc:
-                if not is_server_fault(exc):
+                if not _retryable(exc):
                     raise
+                self._note_fault(exc, "reading back")
                 self._node = self._table = None
+                self._keep_metadata()
                 return 0
             for path in chunks:
                 cols = self._backup.load(path)
@@ -495,14 +573,27 @@ class DerivedRunWriter:
                                 dtype=bool)
                 cols = _select(cols, mask)
                 if len(cols["seq_num"]) and not self._send(cols):
+                    self._md_dirty = True  # the summary must follow the rows sent so far
+                    self._keep_metadata()
                     return sent
                 sent += len(cols["seq_num"])
                 path.unlink()
         if self._md_dirty or sent or (summary and self._summary_stale):
             self._push_metadata()
         if not self._backup.chunks() and not self._md_dirty:
+            self.fault = None
+            self._backup.set_fault(None)
             self._backup.cleanup()
         return sent
+
+    def _keep_metadata(self) -> None:
+        """Save metadata not yet in Tiled (final status, bin summary, errors) with the backup,
+        so that a later flush, in this process or another, delivers it."""
+        if not self._md_dirty:
+            return
+        self._backup.write_open_params(self.params)
+        self._backup.set_pending_metadata(_jsonable(self._user_md))
+        self._backup.set_fault(self.fault)
 
     # -- metadata -----------------------------------------------------------------------------
     def _auto_metadata(self) -> dict[str, Any]:
@@ -526,9 +617,9 @@ class DerivedRunWriter:
             try:
                 self._node.update_metadata(metadata=md)
             except Exception as exc:
-                if not is_server_fault(exc):
+                if not _retryable(exc):
                     raise
-                logger.warning("Tiled metadata update failed for %s: %s", self.key, exc)
+                self._note_fault(exc, "updating the metadata of")
                 self._node = self._table = None
                 ok = False
         if ok:
@@ -537,8 +628,7 @@ class DerivedRunWriter:
             self._backup.set_pending_metadata({})
         else:
             self._md_dirty = True
-            self._backup.write_open_params(self.params)
-            self._backup.set_pending_metadata(_jsonable(self._user_md))
+            self._keep_metadata()
         return ok
 
     def update_metadata(self, **md: Any) -> None:
@@ -556,8 +646,8 @@ class DerivedRunWriter:
         self._md_dirty = True
         self.flush()
         if self._backup.chunks() or self._md_dirty:
-            logger.warning("finish(%s): Tiled unreachable, data kept in %s", self.key,
-                           self._backup.dir)
+            logger.warning("finish(%s): %s; data kept in %s (re-sent by flush/flush_backups)",
+                           self.key, self.fault or "Tiled unreachable", self._backup.dir)
 
     def record_error(self, message: str) -> None:
         """Append ``message`` to the node's bounded ``errors`` list; never raises."""
@@ -574,6 +664,71 @@ class DerivedRunWriter:
         if not self._connect():
             raise ConnectionError(f"Tiled unreachable; cannot read derived node {self.key!r}")
         return read_derived(self._node)
+
+
+class NodeLock:
+    """Exclusive lock on one derived node among the writers of this machine (``flock`` on
+    ``backup_dir/.locks/<key>.lock``; released by :meth:`release` or when the process ends).
+
+    Without it, two replays of one run (or a replay of a run the live callback is still
+    writing) each read the stored seq_nums, then both append the rest: duplicate rows.
+    """
+
+    def __init__(self, directory: Path, key: str) -> None:
+        self.path = directory / ".locks" / f"{_safe_key(key)}.lock"
+        self._file: Any = None
+
+    @property
+    def held(self) -> bool:
+        return self._file is not None
+
+    def holder(self) -> str:
+        """Who holds the lock (``pid@host`` as written by the holder), or ``?``."""
+        try:
+            return self.path.read_text().strip() or "?"
+        except OSError:
+            return "?"
+
+    def acquire(self, timeout: float = 0.0) -> bool:
+        """Take the lock, waiting up to ``timeout`` s; True when held (also when the backup
+        directory cannot be written: the lock is then only advisory and not taken)."""
+        import fcntl
+
+        if self._file is not None:
+            return True
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            f = open(self.path, "a+")  # noqa: SIM115 - held open while locked
+        except OSError as exc:
+            logger.warning("cannot create lock %s (%s); writing without it", self.path, exc)
+            return True
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    f.close()
+                    return False
+                time.sleep(0.05)
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()}@{socket.gethostname()}\n")
+        f.flush()
+        self._file = f
+        return True
+
+    def release(self) -> None:
+        """Release (never raises)."""
+        f, self._file = self._file, None
+        if f is not None:
+            with contextlib.suppress(OSError):
+                f.close()  # closing the descriptor drops the flock
+
+
+class NodeBusyError(RuntimeError):
+    """Another writer on this machine holds the node (see :class:`NodeLock`)."""
 
 
 class DerivedStore:
@@ -602,9 +757,17 @@ class DerivedStore:
             if self.reachable():
                 self.root_node()
         except Exception as exc:
-            if not is_server_fault(exc):
+            if not _retryable(exc):
                 raise
-            logger.warning("Tiled unreachable creating %r: %s", root, exc)
+            logger.warning("%s creating %r", describe_fault(exc), root)
+
+    @property
+    def server(self) -> str:
+        """The Tiled server's API address (no credentials)."""
+        try:
+            return str(self.client.context.api_uri).split("?")[0]
+        except Exception:  # noqa: BLE001
+            return "?"
 
     def reachable(self) -> bool:
         """A fast request (no client retries) to tell whether Tiled answers at all.
@@ -684,16 +847,36 @@ class DerivedStore:
         )
         return DerivedRunWriter(self, self.node_key(raw_uid, model), params)
 
+    def node_lock(self, key: str) -> NodeLock:
+        """The machine-wide write lock of node ``key`` (not taken yet)."""
+        return NodeLock(self.backup_dir, key)
+
     def flush_backups(self) -> int:
-        """Re-send every backed-up node under ``backup_dir``; return rows sent."""
+        """Re-send every backed-up node under ``backup_dir``; return rows sent.
+
+        Nodes another writer holds (:meth:`node_lock`: a live callback, a replay) are left to
+        it. Rows and metadata that still cannot go (Tiled down, key refused) stay; the reason
+        is in each node's ``fault.txt`` and the log.
+        """
         sent = 0
         if not self.backup_dir.exists():
             return 0
         for params_file in sorted(self.backup_dir.glob("*/open.json")):
-            params = json.loads(params_file.read_text())
-            writer = DerivedRunWriter(self, self.node_key(params["raw_uid"], params["model"]),
-                                      params)
-            sent += writer.flushed_at_open + writer.flush()
+            try:
+                params = json.loads(params_file.read_text())
+            except (OSError, json.JSONDecodeError):
+                continue  # removed meanwhile by the writer that holds the node
+            key = self.node_key(params["raw_uid"], params["model"])
+            lock = self.node_lock(key)
+            if not lock.acquire():
+                logger.info("flush_backups: %s is being written by %s; left to it", key,
+                            lock.holder())
+                continue
+            try:
+                writer = DerivedRunWriter(self, key, params)
+                sent += writer.flushed_at_open + writer.flush()
+            finally:
+                lock.release()
         return sent
 
 
@@ -704,7 +887,10 @@ def read_derived(node: Any) -> xr.Dataset:
     else:
         container, table = node, node[TABLE_KEY]
     md = dict(container.metadata)
-    df = table.read().sort_values("seq_num").reset_index(drop=True)
+    df = table.read().sort_values("seq_num", kind="stable")
+    # a seq_num stored twice (two writers at once on different hosts): the first row wins,
+    # as for a writer's own re-appends
+    df = df[~df["seq_num"].duplicated()].reset_index(drop=True)
     latent_dim = int(md.get("latent_dim", sum(c.startswith("latent_") for c in df.columns)))
     kinds = list(md.get("noise_kinds", []))
     motors = list(md.get("motors", []))

@@ -114,3 +114,44 @@ def test_process_and_write_through_store(encoder, tiled_client, tmp_path):
     assert ds.attrs["raw_uid"] == "raw-uid-1" and ds.attrs["model"]["name"] == "untrained"
     assert any("wrong ndim 1" in e for e in ds.attrs["errors"])
     np.testing.assert_allclose(ds["x"].values, [0, 1, 2, 3])
+
+
+def test_degenerate_frames_are_refused_and_open_no_bin(encoder):
+    """An all-gap frame (every pixel -1), a constant frame and a float64 frame of 1e308 get
+    UNPROCESSED rows with the reason; they open no bin and the good frames bin as usual."""
+    pipe = BinningPipeline(encoder, make_binner(encoder))
+    good = frames(2)
+    all_gap = np.full(SHAPE, -1, np.int32)
+    constant = np.full(SHAPE, 7, np.int32)
+    huge = good[0].astype(np.float64)
+    huge[10:20, 10:20] = 1e308
+    result = pipe.process([good[0], all_gap, constant, huge, good[1]], [1, 2, 3, 4, 5],
+                          np.arange(5.0))
+    rows = result.rows
+    assert rows["bin_id"].tolist()[1:4] == [UNPROCESSED_BIN] * 3
+    assert (rows["bin_id"][[0, 4]] >= 0).all()
+    assert np.isfinite(rows["latent"][[0, 4]]).all()
+    errors = " | ".join(result.errors)
+    assert "frame seq_num=2: no data pixel (all 18200 pixels are gaps" in errors
+    assert "frame seq_num=3: no signal (all 18200 data pixels are 7)" in errors
+    assert "frame seq_num=4: pixel values up to 1e+308 exceed the float32 range" in errors
+    assert sum(pipe.binner.summary()["counts"]) == 2  # only the good frames joined bins
+
+
+def test_non_finite_latents_are_not_binned(encoder):
+    """A model pass that returns NaN for one frame (a fault no real frame here provokes): that
+    frame's row is UNPROCESSED with the reason, the binner never sees the NaN."""
+
+    class NaNEncoder(Encoder):
+        def encode_inputs(self, x, **kwargs):
+            out = super().encode_inputs(x, **kwargs)
+            out.latent[1] = np.nan
+            return out
+
+    torch.manual_seed(0)
+    enc = NaNEncoder(GisaxsDAE(), {"name": "untrained", "version": "0"}, "cpu")
+    pipe = BinningPipeline(enc, make_binner(enc))
+    result = pipe.process(frames(3), [1, 2, 3], np.arange(3.0))
+    assert result.rows["bin_id"][1] == UNPROCESSED_BIN and (result.rows["bin_id"][[0, 2]] >= 0).all()
+    assert any("non-finite latents for frames seq_num=[2]" in e for e in result.errors)
+    assert sum(pipe.binner.summary()["counts"]) == 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from gisaxs_bluesky.adaptive import Suggestion, SuggestionWriter
 from gisaxs_bluesky.query import derived_for_run, frames_in_bin, outlier_frames, runs_with_bin
 from gisaxs_bluesky.store import DerivedStore
 
@@ -45,6 +46,9 @@ def populated(module_tiled_client, tmp_path_factory):
     write("uid-b", 2, DAE, rows([1, 2], [3, 3]))
     write("uid-c", 3, OTHER, rows([1, 2, 3], [21, 1, 21], outlier_seq=[1, 2]))
     write("uid-a", 1, DAE2, rows([1, 2, 3, 4], [5, 5, 5, 1]))
+    # the demo writes suggestions beside the derived nodes: same raw_uid, no frames table
+    SuggestionWriter(tiled_client, "uid-a", ["x"]).append(
+        0, [Suggestion({"x": 1.0}, "refine_outlier", (1,), 1.0)])
     return tiled_client
 
 
@@ -80,6 +84,7 @@ def test_outlier_frames(populated):
 
 
 def test_derived_for_run(populated):
+    assert "uid-a-suggestions" in populated["gisaxs_derived"]  # not a derived node: left out
     out = derived_for_run(populated, "uid-a")
     assert set(out) == {"dae-1.2", "dae-2.0"}
     np.testing.assert_array_equal(out["dae-2.0"]["bin_id"].values, [5, 5, 5, 1])

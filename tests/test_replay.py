@@ -3,6 +3,8 @@ TiledWriter, the simulated HDF5 detector, databroker's mongomock-backed catalog,
 
 from __future__ import annotations
 
+import threading
+
 import bluesky.plans as bp
 import h5py
 import numpy as np
@@ -331,3 +333,75 @@ def test_callback_method_feeds_documents(RE, tiled_client, detector_dir, tmp_pat
     assert (s.status, s.frames_written) == ("complete", 3), s
     assert derived(tiled_client, uid, encoder, "viacb").sizes["frame"] == 3
 
+
+
+# ------------------------------------------------------------------- faults (issue 12)
+def test_two_replays_at_once_write_each_row_once(RE, tiled_client, detector_dir, tmp_path,
+                                                 encoder, model_path, frames, binner_state):
+    """A second replay of the same run, started while the first is half-way, writes nothing
+    and says who holds the node; the first finishes; no row is stored twice."""
+    uid, _ = scan(RE, tiled_client, detector_dir, frames)
+    opts = options(tmp_path, model_path, binner_state, chunk_size=2)
+    second: list = []
+
+    def start_second(n):
+        if not second:
+            second.append(None)
+            t = threading.Thread(target=lambda: second.append(replay_runs(
+                tiled_client, [uid], show_progress=False, options=opts)[0]))
+            t.start()
+            t.join(120)
+
+    first = replay_runs(tiled_client, [uid], show_progress=False, options=opts,
+                        progress=start_second)[0]
+    other = second[-1]
+    assert (first.status, first.frames_written) == ("complete", 6), first
+    assert (other.status, other.frames_written) == ("busy", 0), other
+    assert "is being written by pid" in other.errors[0]
+    node = tiled_client["gisaxs_derived"][f"{uid}-{encoder.name}-{encoder.version}"]
+    stored = node["frames"].read()["seq_num"].tolist()
+    assert sorted(stored) == [1, 2, 3, 4, 5, 6]  # each once
+    assert node.metadata["n_frames"] == 6
+    again = replay_runs(tiled_client, [uid], show_progress=False, options=opts)[0]
+    assert (again.status, again.errors) == ("up-to-date", [])
+
+
+def test_replay_of_a_run_still_being_written_is_partial(RE, tiled_client, detector_dir,
+                                                        tmp_path, encoder, model_path, frames,
+                                                        binner_state):
+    x, = make_motors("x")
+    det = make_gisaxs_detector(detector_dir, frame_fn_for(frames), [x],
+                               shape=frames[XS[0]].shape, dtype=np.float32)
+    docs: list = []
+    token = RE.subscribe(lambda name, doc: docs.append((name, doc)))
+    RE(bp.list_scan([det], x, XS[:2]))
+    RE.unsubscribe(token)
+    writer = TiledWriter(tiled_client, batch_size=1)
+    for name, doc in docs[:-1]:  # the stop document has not come yet
+        writer(name, doc)
+    uid = docs[0][1]["uid"]
+    opts = options(tmp_path, model_path, binner_state)
+    s = replay_runs(tiled_client, [uid], show_progress=False, options=opts)[0]
+    assert (s.status, s.frames_written) == ("partial", 2), s
+    assert any("no stop document yet" in e for e in s.errors)
+    key = f"{uid}-{encoder.name}-{encoder.version}"
+    assert tiled_client["gisaxs_derived"][key].metadata["status"] == "running"
+    writer(*docs[-1])
+    s = replay_runs(tiled_client, [uid], show_progress=False, options=opts)[0]
+    assert (s.status, s.frames_skipped) == ("up-to-date", 2), s
+    assert tiled_client["gisaxs_derived"][key].metadata["status"] == "complete"
+
+
+def test_connect_messages_name_the_fault_never_the_key(tiled_server):
+    with pytest.raises(replay.ReplayError) as err:
+        replay.connect("http://127.0.0.1:1/api/v1?api_key=SECRET0123")
+    assert "cannot reach Tiled" in str(err.value) and "SECRET0123" not in str(err.value)
+    with pytest.raises(replay.ReplayError) as err:
+        replay.connect(f"{tiled_server.base_url}/api/v1?api_key=WRONG0123")
+    text = str(err.value)
+    assert "refused the API key (HTTP 401" in text and "WRONG0123" not in text
+    assert "cannot reach" not in text
+    with pytest.raises(replay.ReplayError) as err:
+        replay.connect(f"{tiled_server.base_url}/api/v1", api_key="WRONG4567")
+    assert "refused the API key" in str(err.value) and "WRONG4567" not in str(err.value)
+    assert replay.connect(tiled_server.uri) is not None

@@ -250,3 +250,47 @@ def test_open_while_server_down_creates_node_later(tiled_server, tmp_path):
     ds = read_derived(tiled_server.client()["gisaxs_derived"][w.key])
     np.testing.assert_array_equal(ds["seq_num"].values, [0, 1, 2])
     assert ds.attrs["status"] == "complete" and ds.attrs["raw_uid"] == "late-uid"
+
+
+def test_rows_stored_twice_by_two_hosts_read_back_once(store, tiled_client):
+    """Two writers without a shared lock (two hosts) both append seq_nums 0-3: the table holds
+    duplicates, readers and a reopened writer count each seq_num once, the first row wins."""
+    a, b = open_writer(store), open_writer(store)
+    first, second = make_rows(range(4), seed=1), make_rows(range(4), seed=2)
+    a.append(first)
+    b.append(second)  # b read the stored seq_nums before a wrote: it writes them again
+    assert len(tiled_client["gisaxs_derived"][a.key][TABLE_KEY].read()) == 8
+    again = open_writer(store)
+    assert again.duplicate_rows == 4 and again.stored_seq_nums == set(range(4))
+    again.flush()
+    ds = read_derived(tiled_client["gisaxs_derived"][a.key])
+    assert_matches(ds, first)
+    assert ds.attrs["n_frames"] == 4
+
+
+def test_node_lock_is_exclusive_between_writers(store):
+    one, two = store.node_lock("k"), store.node_lock("k")
+    assert one.acquire() and not two.acquire(timeout=0.1)
+    assert "pid" in two.holder()
+    one.release()
+    assert two.acquire() and store.node_lock("other").acquire()
+    two.release()
+
+
+def test_fault_messages_name_what_tiled_answered():
+    import httpx
+
+    from gisaxs_bluesky.store import describe_fault, is_refused, is_server_fault
+
+    request = httpx.Request("GET", "http://tiled/api/v1/metadata/x?api_key=SECRET")
+
+    def status(code):
+        return httpx.HTTPStatusError("x", request=request, response=httpx.Response(code))
+
+    assert "refused the API key (HTTP 401" in describe_fault(status(401))
+    assert "no write permission" in describe_fault(status(403))
+    assert "server error (HTTP 500)" in describe_fault(status(500))
+    assert "unreachable" in describe_fault(httpx.ConnectError("refused", request=request))
+    assert is_refused(status(401)) and is_refused(status(403)) and not is_refused(status(500))
+    assert is_server_fault(status(503)) and not is_server_fault(status(401))
+    assert all("SECRET" not in describe_fault(status(c)) for c in (401, 403, 500))

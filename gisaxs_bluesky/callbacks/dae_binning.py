@@ -29,18 +29,24 @@ once; sooner when ``max_write_rows`` rows wait; all of them at :meth:`~DAEBinnin
 and at the run's end), since each Tiled write costs about as much as encoding a batch.
 
 Queue-full policy: at most ``max_queue`` frames whose pixels are held in memory (inline
-frames) wait for the worker. When that bound is reached the RunEngine thread waits up to
-``put_timeout`` seconds; if still full, the frame is *spilled* to ``spill_dir`` as ``.npy`` and
-queued as a file reference (a few bytes), processed in order when the worker catches up and
-counted in ``n_spilled``. Frames read from files or Tiled are always queued as references.
-Only if spilling fails too (disk full) is a frame dropped: it still gets a row
+frames, copied on arrival: a detector may reuse its buffer) wait for the worker. When that
+bound is reached the frame is *spilled* at once (``put_timeout``: 0 s by default; each second
+of it is a second the RunEngine waits per frame) to a folder of this callback's own under
+``spill_dir`` as ``.npy`` and queued as a file reference (a few bytes), processed in order when
+the worker catches up and counted in ``n_spilled``. Frames read from files or Tiled are always
+queued as references. Only if spilling fails too (disk full) is a frame dropped: it still gets a row
 (``bin_id == UNPROCESSED_BIN``), its seq_num goes into ``dropped_seq_nums`` and the reason into
 the node's ``errors``. No frame disappears silently.
 
 Failures (bad frame shape/dtype/NaN, missing image key, unreadable file, model error, Tiled
-down) are logged and recorded (``DerivedRunWriter.record_error``); rows of unreadable or
-unencodable frames have ``bin_id == UNPROCESSED_BIN``. Nothing is raised into the RunEngine.
-Tiled faults are absorbed by the store's local backup and re-sent later.
+down, malformed documents) are logged and recorded (``DerivedRunWriter.record_error``); rows of
+unreadable or unencodable frames have ``bin_id == UNPROCESSED_BIN``. Nothing is raised into
+the RunEngine. Tiled faults (down, 5xx, a key refused with 401/403) are absorbed by the store's
+local backup (rows, final metadata, the reason): re-sent every ``retry_interval`` s and at
+:meth:`~DAEBinningCallback.wait`, also after the run has finished (:attr:`pending` lists what
+waits); after :meth:`~DAEBinningCallback.close`, ``DerivedStore.flush_backups()`` does it. The
+node's write lock (:meth:`DerivedStore.node_lock`) keeps a replay of the same run from writing
+it at the same time.
 
 On ``stop`` the worker drains the run's frames, then writes ``status`` (``complete``, or
 ``failed`` when the raw run did not succeed, rows could not be stored, or no frame could be
@@ -56,6 +62,7 @@ import logging
 import os
 import threading
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -83,6 +90,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 HDF5_MIMETYPES = ("application/x-hdf5", "application/x-hdf5-swmr")
+#: event pages held for descriptors not seen yet (a malformed stream); beyond, they are dropped
+MAX_ORPHAN_PAGES = 1000
 
 
 def _cache_base() -> Path:
@@ -166,6 +175,12 @@ class _RunState:
     pending_errors: list[str] = field(default_factory=list)
     writer: Any = None
     writer_failed: str | None = None
+    lock: Any = None  # the node's NodeLock while this callback writes it
+    fault_noted: str | None = None  # the store fault last recorded in the node's errors
+    next_retry: float = 0.0  # finished, rows/status in the local backup: next re-send (monotonic)
+    seen: set[tuple[str, int]] = field(default_factory=set)  # (descriptor, seq_num) queued
+    h5_paths: set[str] = field(default_factory=set)  # HDF5 files read (closed at the finish)
+    n_lost: int = 0  # events that could not become a row (descriptor never came)
     n_enqueued: int = 0
     n_rows: int = 0
     n_unprocessed: int = 0
@@ -274,7 +289,7 @@ class DAEBinningCallback(DocumentRouter):
         max_write_rows: int = 256,
         write_interval: float = 1.0,
         max_queue: int = 64,
-        put_timeout: float = 0.2,
+        put_timeout: float = 0.0,
         spill_dir: str | Path | None = None,
         frame_timeout: float = 5.0,
         handler_registry: Mapping[str, Callable[..., Any]] | None = None,
@@ -284,6 +299,7 @@ class DAEBinningCallback(DocumentRouter):
         write_lock: Any = None,
         read_from_tiled: bool = False,
         torch_threads: int | str | None = "auto",
+        retry_interval: float = 5.0,
     ) -> None:
         super().__init__()
         from ..models import load_pretrained, make_binner
@@ -293,6 +309,8 @@ class DAEBinningCallback(DocumentRouter):
                              f"max_write_rows={max_write_rows} must be >= 1")
         if write_interval < 0:
             raise ValueError(f"write_interval={write_interval} must be >= 0")
+        if retry_interval <= 0:
+            raise ValueError(f"retry_interval={retry_interval} must be > 0")
         if batch_timeout <= 0 or put_timeout < 0 or frame_timeout < 0:
             raise ValueError(
                 f"batch_timeout={batch_timeout} must be > 0, put_timeout={put_timeout} and "
@@ -327,6 +345,10 @@ class DAEBinningCallback(DocumentRouter):
         self.max_queue = int(max_queue)
         self.put_timeout = float(put_timeout)
         self.spill_dir = Path(spill_dir) if spill_dir is not None else default_spill_dir()
+        # two callbacks of one account (two models side by side) share spill_dir: each spills
+        # into folders of its own, and removes only those
+        self._spill_tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.retry_interval = float(retry_interval)
         self.frame_timeout = float(frame_timeout)
         self.handler_registry = dict(_default_handlers(), **(handler_registry or {}))
         self.extra_metadata = dict(extra_metadata or {})
@@ -348,11 +370,18 @@ class DAEBinningCallback(DocumentRouter):
         self._ahead_pool: ThreadPoolExecutor | None = None
         self._unwritten_runs: dict[str, _RunState] = {}
         self._live_runs: dict[str, _RunState] = {}  # worker: runs with an open derived node
+        # worker: finished runs whose rows or final metadata wait in the local backup (Tiled
+        # down or refusing the key), re-sent every retry_interval s and at wait()
+        self._unsettled: dict[str, _RunState] = {}
+        # events whose descriptor has not come (yet): descriptor uid -> event pages
+        self._orphans: dict[str, list[dict]] = {}
+        self._n_orphans = 0
         # under _cond: wait() asks (_flush_gen += 1) for every row and bin summary in Tiled
         # now; the worker answers once its queue is empty (_flushed_gen catches up)
         self._flush_gen = 0
         self._flushed_gen = 0
         self._closed = False
+        self._lock_nodes = True  # take each node's NodeLock (replay's callback method holds it)
         self.last_writer: Any = None  # writer of the most recently finished run
 
     @property
@@ -377,11 +406,18 @@ class DAEBinningCallback(DocumentRouter):
     # ------------------------------------------------------------------ document entry
     def __call__(self, name: str, doc: dict, validate: bool = False) -> tuple[str, dict]:
         """Route a document; any exception is logged and recorded, never raised."""
+        if not isinstance(doc, Mapping):
+            logger.error("DAEBinningCallback: %r document is a %s, not a mapping; ignored",
+                         name, type(doc).__name__)
+            return name, doc
         try:
             return super().__call__(name, doc, validate)
         except Exception as exc:  # noqa: BLE001 - must never abort the scan
             logger.exception("DAEBinningCallback failed on %r document", name)
-            run = self._run_for(name, doc)
+            try:
+                run = self._run_for(name, doc)
+            except Exception:  # noqa: BLE001
+                run = None
             if run is not None:
                 self._note(run, f"{name} document: {type(exc).__name__}: {exc}")
             return name, doc
@@ -410,7 +446,11 @@ class DAEBinningCallback(DocumentRouter):
 
     # ---------------------------------------------------------------------- documents
     def start(self, doc: dict) -> None:
-        run = _RunState(uid=doc["uid"], start=dict(doc), motors=scanned_motors(doc))
+        uid = doc["uid"]
+        if uid in self._runs:  # the open run keeps its state, frames and node
+            self._note(self._runs[uid], f"start document of run {uid} repeated; ignored")
+            return
+        run = _RunState(uid=uid, start=dict(doc), motors=scanned_motors(doc))
         self._runs[run.uid] = run
         self._ensure_worker()
 
@@ -437,15 +477,32 @@ class DAEBinningCallback(DocumentRouter):
                 logger.info("run %s: ignoring image stream %r (binning %r)", run.uid, name,
                             first.name)
                 return
-        shape = [int(s) for s in data_keys[key].get("shape") or []]
+        shape = [int(s) for s in data_keys[key].get("shape") or [] if s is not None]
         if len(shape) == 3 and shape[0] == 1:
             shape = shape[1:]
+        if any(s <= 0 for s in shape):  # e.g. [-1, -1]: size not known up front
+            shape = []  # the run's first good frame sets it
         run.descriptors[doc["uid"]] = _Stream(name, key, tuple(shape) if shape else None)
         run.image_descriptor = run.image_descriptor or doc["uid"]
+        for page in self._orphans.pop(doc["uid"], []):  # events that came before it
+            self._n_orphans -= 1
+            self.event_page(page)
 
     def event_page(self, doc: dict) -> None:
         stream = None
-        run = self._runs.get(self._descriptor_run.get(doc["descriptor"], ""))
+        uid = self._descriptor_run.get(doc["descriptor"])
+        if uid is None and self._runs:  # its descriptor has not come (yet): keep it
+            if self._n_orphans < MAX_ORPHAN_PAGES:
+                self._orphans.setdefault(doc["descriptor"], []).append(doc)
+                self._n_orphans += 1
+            else:
+                only = next(iter(self._runs.values())) if len(self._runs) == 1 else None
+                if only is not None:
+                    only.n_lost += len(doc.get("seq_num") or [])
+                    self._note(only, f"event page for unknown descriptor {doc['descriptor']!r} "
+                                     f"dropped (seq_nums {list(doc.get('seq_num') or [])})")
+            return
+        run = self._runs.get(uid or "")
         if run is not None:
             stream = run.descriptors.get(doc["descriptor"])
         if run is None or stream is None:
@@ -465,19 +522,36 @@ class DAEBinningCallback(DocumentRouter):
         positions = {m: _as_float(data.get(m)) for m in run.motors}
         t = float(event.get("time", time.time()))
         key = (event["descriptor"], seq)
+        if key in run.seen:
+            self._note(run, f"event seq_num={seq} repeated in stream {stream.name!r}: the "
+                            "later frame is ignored, the first one binned")
+            return
         if stream.image_key in data:
+            run.seen.add(key)
             value = data[stream.image_key]
             filled = (event.get("filled") or {}).get(stream.image_key, True)
             if isinstance(value, str) and filled is not True:
                 loader, source = self._datum_loader(run, stream, value, seq)
                 self._put(_Frame(run, seq, t, positions, loader=loader, source=source))
+            elif value is None:
+                self._put(_Frame(run, seq, t, positions, source="event data",
+                                 error=f"frame seq_num={seq}: image {stream.image_key!r} is "
+                                       "None in the event"))
             else:
+                # a copy: a detector may reuse one buffer for every frame, and this frame is
+                # encoded later, on the worker
+                try:
+                    value = np.array(value, copy=True)
+                except Exception:  # noqa: BLE001 - check_frame names what is wrong
+                    pass
                 self._put(_Frame(run, seq, t, positions, data=value, source="event data",
                                  in_memory=True))
         elif key in run.datum_by_seq:
+            run.seen.add(key)
             loader, source = run.datum_by_seq.pop(key)
             self._put(_Frame(run, seq, t, positions, loader=loader, source=source))
         else:
+            run.seen.add(key)
             run.events_waiting[key] = (t, positions)
 
     def stream_resource(self, doc: dict) -> None:
@@ -519,9 +593,17 @@ class DAEBinningCallback(DocumentRouter):
             self._datum_run[doc["datum_id"]] = uid
 
     def stop(self, doc: dict) -> None:
+        only = len(self._runs) == 1
         run = self._runs.pop(doc.get("run_start", ""), None)
         if run is None:
             return
+        if only and self._orphans:  # events of this run whose descriptor never came
+            pages, self._orphans, self._n_orphans = self._orphans, {}, 0
+            for desc, ps in pages.items():
+                seqs = [int(s) for p in ps for s in p.get("seq_num") or []]
+                run.n_lost += len(seqs)
+                self._note(run, f"{len(seqs)} event(s) seq_num={seqs[:20]} for descriptor "
+                                f"{desc!r}, which never arrived: not binned")
         # frames whose event never came (fly scans): NaN positions; events without frames
         for (desc, seq), (loader, source) in sorted(run.datum_by_seq.items(), key=_by_seq):
             nan = {m: float("nan") for m in run.motors}
@@ -559,6 +641,7 @@ class DAEBinningCallback(DocumentRouter):
             dataset = (resource.get("parameters") or {}).get("dataset", "/entry/data/data")
             if path is not None and os.path.exists(os.path.dirname(path) or "."):
                 tiled = self._tiled_loader(run, stream, seq)
+                run.h5_paths.add(path)
 
                 def load() -> np.ndarray:
                     try:
@@ -650,7 +733,7 @@ class DAEBinningCallback(DocumentRouter):
 
     def _spill(self, item: _Frame) -> None:
         run = item.run
-        path = self.spill_dir / run.uid / f"seq-{item.seq_num:08d}.npy"
+        path = self._spill_folder(run) / f"seq-{item.seq_num:08d}.npy"
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             np.save(path, np.asarray(item.data), allow_pickle=False)
@@ -666,18 +749,21 @@ class DAEBinningCallback(DocumentRouter):
         item.data = None
         item.in_memory = False
 
+    def _spill_folder(self, run: _RunState) -> Path:
+        return self.spill_dir / f"{run.uid}-{self._spill_tag}"
+
     def _take_batch(self) -> list[Any]:
         """Worker: wait for items; return up to batch_size frames (+ a trailing control item)."""
         with self._cond:
             while not self._queue:
                 if self._flush_gen > self._flushed_gen:
                     return []  # a tick: wait() wants everything in Tiled
-                if self._unwritten_runs:
-                    due = min(r.last_write for r in self._unwritten_runs.values()) \
-                        + self.write_interval
-                    remaining = due - time.monotonic()
+                dues = [r.last_write + self.write_interval for r in self._unwritten_runs.values()]
+                dues += [r.next_retry for r in self._unsettled.values()]
+                if dues:
+                    remaining = min(dues) - time.monotonic()
                     if remaining <= 0:
-                        return []  # a tick: rows are due
+                        return []  # a tick: rows are due, or a backup is to be re-sent
                     self._cond.wait(remaining)
                 else:
                     self._cond.wait()
@@ -730,6 +816,7 @@ class DAEBinningCallback(DocumentRouter):
                 self._write_due(force=flushing or closing)
                 if flushing:
                     self._flush_summaries()
+                self._retry_unsettled(force=flushing or closing)
             except Exception:  # noqa: BLE001
                 logger.exception("DAE binning worker failed writing rows")
             finally:
@@ -740,6 +827,8 @@ class DAEBinningCallback(DocumentRouter):
                     self._flushed_gen = max(self._flushed_gen, flush_gen)
                     self._cond.notify_all()
             if closing:
+                for run in self._unsettled.values():  # flush_backups() may take them over
+                    self._release(run)
                 self._h5.close()
                 if self._ahead_pool is not None:
                     self._ahead_pool.shutdown(wait=False)
@@ -802,6 +891,14 @@ class DAEBinningCallback(DocumentRouter):
         try:
             if self._store is None:
                 self._store = DerivedStore(self.client, root=self.root, backup_dir=self.backup_dir)
+            key = self._store.node_key(run.uid, self.encoder.info())
+            run.lock = self._store.node_lock(key) if self._lock_nodes else None
+            # held by a replay of this run, from this machine: write anyway (stored seq_nums
+            # are skipped), the live rows come first
+            if run.lock is not None and not run.lock.acquire(timeout=1.0):
+                self._note(run, f"node {key} is also being written by {run.lock.holder()} "
+                                "(a replay?); rows already stored are not written twice")
+                run.lock = None
             stream = run.descriptors.get(run.image_descriptor or "")
             md = {
                 "stream": stream.name if stream else None,
@@ -908,19 +1005,55 @@ class DAEBinningCallback(DocumentRouter):
             errors.append(f"rows seq_num={rows['seq_num'].tolist()} not stored: "
                           f"{type(exc).__name__}: {exc}")
             logger.exception("run %s: append failed", run.uid)
+        self._note_fault(run, writer, errors)
         if errors:
             for e in errors:
                 logger.warning("run %s: %s", run.uid, e)
             writer.record_error("; ".join(errors))
 
+    @staticmethod
+    def _note_fault(run: _RunState, writer: Any, errors: list[str]) -> None:
+        """Say on the node (once per fault) that rows wait in the local backup, and why."""
+        fault = getattr(writer, "fault", None)
+        if fault and writer.pending and fault != run.fault_noted:
+            run.fault_noted = fault
+            errors.append(f"{fault}: rows kept in the local backup {writer.backup_path}, "
+                          "re-sent when Tiled takes them")
+            logger.error("run %s: %s", run.uid, errors[-1])
+
     def _finish(self, item: _Finish) -> None:
-        self._live_runs.pop(item.run.uid, None)
         try:
             self._write_rows(item.run)
         except Exception:  # noqa: BLE001
             logger.exception("run %s: writing the last rows failed", item.run.uid)
+        # after the last write: a run whose node opened there is no longer live either
+        self._live_runs.pop(item.run.uid, None)
         with self.write_lock:
             self._finish_locked(item)
+
+    def _retry_unsettled(self, force: bool = False) -> None:
+        """Worker: re-send finished runs whose rows or final status wait in the backup."""
+        now = time.monotonic()
+        for run in list(self._unsettled.values()):
+            if not force and now < run.next_retry:
+                continue
+            try:
+                with self.write_lock:
+                    run.writer.flush()
+            except Exception:  # noqa: BLE001
+                logger.exception("run %s: re-sending the local backup failed", run.uid)
+            if run.writer.pending:
+                run.next_retry = time.monotonic() + self.retry_interval
+            else:
+                logger.info("run %s: local backup delivered to Tiled", run.uid)
+                self._unsettled.pop(run.uid, None)
+                self._release(run)
+
+    @staticmethod
+    def _release(run: _RunState) -> None:
+        if run.lock is not None:
+            run.lock.release()
+            run.lock = None
 
     def _finish_locked(self, item: _Finish) -> None:
         run = item.run
@@ -934,6 +1067,7 @@ class DAEBinningCallback(DocumentRouter):
                 item.exit_status != "success"
                 or run.writer_failed is not None
                 or run.store_errors > 0
+                or run.n_lost > 0
                 or (run.n_rows > 0 and run.n_unprocessed == run.n_rows)
             )
             self._save_binner()
@@ -950,10 +1084,19 @@ class DAEBinningCallback(DocumentRouter):
                     dropped_seq_nums=list(run.dropped),
                 )
                 self.last_writer = writer
+                if writer.pending:  # Tiled down or refusing: re-sent later by the worker
+                    run.next_retry = time.monotonic() + self.retry_interval
+                    self._unsettled[run.uid] = run
         except Exception:  # noqa: BLE001
             logger.exception("run %s: finishing the derived node failed", run.uid)
         finally:
-            spill = self.spill_dir / run.uid
+            if run.uid not in self._unsettled:
+                self._release(run)
+            for path in run.h5_paths:  # this run's files: not kept open until close()
+                self._h5.close(path)
+            for r in run.resources:
+                self._handlers.pop(r, None)
+            spill = self._spill_folder(run)
             if spill.is_dir():
                 for p in spill.glob("*.npy"):
                     p.unlink(missing_ok=True)
@@ -974,7 +1117,8 @@ class DAEBinningCallback(DocumentRouter):
     # ------------------------------------------------------------------------ control
     def wait(self, timeout: float | None = None) -> bool:
         """Block until every queued frame and run finish is processed and every encoded row is
-        in Tiled (or its backup); False on timeout."""
+        in Tiled (or its local backup: see :attr:`pending`); False on timeout. Backups of
+        finished runs are re-sent here too, and every ``retry_interval`` s meanwhile."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             if self._worker is None or not self._worker.is_alive():
@@ -993,11 +1137,29 @@ class DAEBinningCallback(DocumentRouter):
         """Alias of :meth:`wait`: every frame seen so far encoded and its row written."""
         return self.wait(timeout)
 
+    @property
+    def pending(self) -> dict[str, str]:
+        """Derived nodes of finished runs whose rows or final status wait in the local backup:
+        node key -> why (e.g. "Tiled refused the API key ..."). Re-sent every
+        ``retry_interval`` s and at :meth:`wait`; after :meth:`close`, by
+        ``DerivedStore(client).flush_backups()``."""
+        return {run.writer.key: run.writer.fault or "Tiled unreachable"
+                for run in list(self._unsettled.values()) if run.writer is not None}
+
     def close(self, timeout: float | None = 30.0) -> None:
-        """Drain the queue and stop the worker thread (a later run starts it again)."""
+        """Drain the queue and stop the worker thread (a later run starts it again).
+
+        Runs still open (their stop document never came: the scan was aborted, or a callback
+        subscribed before this one raised on it) are closed ``failed`` with that reason.
+        """
         worker = self._worker
         if worker is None or not worker.is_alive():
             return
+        for run in list(self._runs.values()):
+            self._runs.pop(run.uid, None)
+            self._put(_Finish(run, "abort", "no stop document reached DAEBinningCallback "
+                                            "before close(): the run was aborted, or a "
+                                            "callback subscribed before it raised"))
         with self._cond:
             self._closed = True
             self._unfinished += 1

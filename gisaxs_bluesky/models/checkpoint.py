@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -12,7 +13,8 @@ import torch
 from ..config import ModelConfig, PreprocessConfig
 from .dae import GisaxsDAE
 
-__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "file_sha256", "card_path"]
+__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "file_sha256", "card_path",
+           "state_sha256"]
 
 CARD_FORMAT = "gisaxs-bluesky-dae/1"
 
@@ -26,6 +28,20 @@ def file_sha256(path: str | Path) -> str:
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
+    return h.hexdigest()
+
+
+def state_sha256(state_dict: dict) -> str:
+    """Digest of the weights themselves (names, dtypes, shapes, bytes), stored in the payload so
+    that a checkpoint without its .json card is still checked."""
+    h = hashlib.sha256()
+    for name in sorted(state_dict):
+        t = state_dict[name]
+        if not isinstance(t, torch.Tensor):
+            continue
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 
@@ -46,7 +62,8 @@ def save_checkpoint(
     path.parent.mkdir(parents=True, exist_ok=True)
     card = dict(card)
     card.update(format=CARD_FORMAT, model=model.config.to_dict())
-    payload = {"state_dict": model.state_dict(), "card": card}
+    state = model.state_dict()
+    payload = {"state_dict": state, "card": card, "weights_sha256": state_sha256(state)}
     if optimizer is not None:
         payload["optimizer"] = optimizer.state_dict()
     if extra:
@@ -91,6 +108,22 @@ def load_checkpoint(
                 f"{json_card} ({on_disk.get('sha256')}): file changed or card belongs elsewhere"
             )
         card = {**card, **on_disk}
+    digest = payload.get("weights_sha256")
+    if verify_sha256 and digest is not None and digest != state_sha256(payload["state_dict"]):
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt: its weights do not match the digest saved with them"
+        )
+    if digest is None and not json_card.is_file():
+        logging.getLogger(__name__).warning(
+            "checkpoint %s has neither a weights digest nor a %s card: its integrity cannot be "
+            "checked", path, json_card.name)
+    for name, t in payload["state_dict"].items():
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.isfinite(t).all():
+            n_bad = int((~torch.isfinite(t)).sum())
+            raise CheckpointError(
+                f"checkpoint {path} weight {name!r} has {n_bad} non-finite values (NaN/inf): "
+                "the training diverged or the file is damaged"
+            )
     card["sha256"] = file_sha256(path)
     try:
         # cards written before noise_hidden existed had a 64-unit layer there
