@@ -23,7 +23,9 @@ from typing import Any
 import numpy as np
 
 from .binning import OnlineBinner
+from .derived import UNPROCESSED_BIN, DerivedSchema
 from .models.inference import Encoder
+from .runtime import RuntimeConfig
 
 __all__ = [
     "UNPROCESSED_BIN",
@@ -35,8 +37,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: bin id of frames that were not encoded (bad frame or model failure; see errors)
-UNPROCESSED_BIN = -2
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
@@ -134,7 +134,7 @@ class BinningPipeline:
         binner: OnlineBinner,
         *,
         mask: np.ndarray | None = None,
-        batch_size: int = 16,
+        batch_size: int = RuntimeConfig.batch_size,
         max_nonfinite_fraction: float = 0.05,
     ) -> None:
         if batch_size < 1:
@@ -261,7 +261,8 @@ class BinningPipeline:
             if len(v) != n:
                 raise ValueError(f"positions[{name!r}] has {len(v)} values, expected {n}")
             pos[str(name)] = v
-        rows = self._empty_rows(seq, t, pos)
+        rows = DerivedSchema(self.latent_dim, tuple(self.noise_kinds), tuple(pos)).empty_rows(
+            seq, t, pos)
         errors = list(prepared.errors)
         idx = prepared.idx
         if prepared.inputs is None:
@@ -295,26 +296,6 @@ class BinningPipeline:
         rows["radius_nm"][idx] = enc.radius_nm
         rows["distance_nm"][idx] = enc.distance_nm
         return PipelineResult(rows, errors)
-
-    def _empty_rows(
-        self, seq: np.ndarray, t: np.ndarray, pos: Mapping[str, np.ndarray]
-    ) -> dict[str, np.ndarray]:
-        n = len(seq)
-        rows: dict[str, np.ndarray] = {
-            "seq_num": seq,
-            "time": t,
-            "latent": np.full((n, self.latent_dim), np.nan, dtype=np.float32),
-            "bin_id": np.full(n, UNPROCESSED_BIN, dtype=np.int64),
-            "outlier_score": np.full(n, np.nan, dtype=np.float32),
-            "is_outlier": np.zeros(n, dtype=bool),
-            "recon_error": np.full(n, np.nan, dtype=np.float32),
-            "noise_prob": np.full((n, len(self.noise_kinds)), np.nan, dtype=np.float32),
-            "structure": np.full(n, "", dtype=object),
-            "radius_nm": np.full(n, np.nan),
-            "distance_nm": np.full(n, np.nan),
-        }
-        rows.update({k: np.asarray(v, dtype=np.float64) for k, v in pos.items()})
-        return rows
 
     def process_and_write(
         self,

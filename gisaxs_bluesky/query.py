@@ -16,6 +16,7 @@ import pandas as pd
 import xarray as xr
 from tiled.queries import Eq, KeyPresent, SpecsQuery
 
+from .runtime import DEFAULT_ROOT
 from .store import DERIVED_SPEC, TABLE_KEY, read_derived
 
 __all__ = [
@@ -27,7 +28,6 @@ __all__ = [
     "derived_for_run",
 ]
 
-DEFAULT_ROOT = "gisaxs_derived"
 ModelSpec = str | Mapping[str, Any] | None
 
 

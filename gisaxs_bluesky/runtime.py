@@ -49,7 +49,7 @@ class RuntimeConfig:
     max_write_rows: int = 256
     summary_interval: float = 1.0
     max_queue: int = 64
-    put_timeout: float = 0.2
+    put_timeout: float = 0.0
     frame_timeout: float = 5.0
     probe_timeout: float = 2.0
     torch_threads: int | str | None = "auto"
@@ -92,18 +92,19 @@ class RuntimeConfig:
         return int(self.torch_threads)
 
     def replace(self, **changes: Any) -> RuntimeConfig:
-        """A copy with ``changes`` (None values are ignored: "not given")."""
+        """A copy with ``changes``; TypeError names a setting that does not exist."""
         unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
         if unknown:
             raise TypeError(f"unknown runtime setting(s) {sorted(unknown)}")
-        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+        return dataclasses.replace(self, **changes)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, base: RuntimeConfig | None = None
                   ) -> RuntimeConfig:
         """The settings given on a command line made by :func:`add_runtime_arguments`."""
         names = {f.name for f in dataclasses.fields(cls)}
-        return (base or cls()).replace(**{k: v for k, v in vars(args).items() if k in names})
+        given = {k: v for k, v in vars(args).items() if k in names and v is not None}
+        return (base or cls()).replace(**given)
 
 
 def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:

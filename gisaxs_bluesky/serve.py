@@ -35,6 +35,11 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
+from .callbacks import DAEBinningCallback
+from .models import load_model
+from .replay import ReplayError, connect
+from .runtime import RuntimeConfig, add_runtime_arguments
+
 __all__ = [
     "PING_KEY",
     "ZmqConsumer",
@@ -162,10 +167,7 @@ def wait_until_connected(
 
 def make_callback(client: Any, *, model: str = "pretrained", device: str = "auto",
                   **kwargs: Any) -> Any:
-    """DAEBinningCallback for ``client`` with the model ``model`` (see replay.load_model)."""
-    from .callbacks import DAEBinningCallback
-    from .replay import load_model
-
+    """DAEBinningCallback for ``client`` with the model ``model`` (see models.load_model)."""
     return DAEBinningCallback(client, encoder=load_model(model, device), **kwargs)
 
 
@@ -181,20 +183,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="pretrained",
                         help="'pretrained', a checkpoint .pt, or 'untrained[:seed]'")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--root", default="gisaxs_derived")
     parser.add_argument("--image-key", default=None)
     parser.add_argument("--stream", default=None, help="stream to bin (default: first with "
                         "an image)")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--backup-dir", default=None)
     parser.add_argument("--binner-state", default=None,
                         help="binner state file (default: per-user cache, persists bins)")
+    add_runtime_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     """``gisaxs-bluesky serve``: runs until SIGINT/SIGTERM; 2 on a start-up error."""
-    from .replay import ReplayError, connect
-
     uri = args.tiled_uri or os.environ.get("GISAXS_TILED_URI")
     api_key = args.api_key or os.environ.get("TILED_API_KEY")
     if not uri:
@@ -202,9 +200,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         client = connect(uri, api_key)
-        kwargs: dict[str, Any] = {"root": args.root, "batch_size": args.batch_size}
+        config = RuntimeConfig.from_args(args)
+        kwargs: dict[str, Any] = {"config": config}
         for name, value in (("image_key", args.image_key), ("stream_name", args.stream),
-                            ("backup_dir", args.backup_dir),
                             ("binner_state_path", args.binner_state)):
             if value is not None:
                 kwargs[name] = value
@@ -224,7 +222,7 @@ def run(args: argparse.Namespace) -> int:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, _shutdown)
         signal.signal(signal.SIGTERM, _shutdown)
-    print(f"listening on {args.zmq}; derived data -> {uri.split('?')[0]} /{args.root}",
+    print(f"listening on {args.zmq}; derived data -> {uri.split('?')[0]} /{config.root}",
           file=sys.stderr, flush=True)
     try:
         consumer.start()

@@ -17,7 +17,8 @@ every ``summary_interval`` s (1 s) during a run and exactly at ``flush``/``finis
 
 Table columns: ``seq_num`` int64, ``time`` float64, ``bin_id`` int64, ``outlier_score``
 float32, ``is_outlier`` bool, ``recon_error`` float32, ``latent_<i>`` float32 (i <
-latent_dim), ``noise_prob_<j>`` float32 (j-th noise kind), ``structure`` string,
+latent_dim), ``noise_prob_<kind>`` float32 (per noise kind; ``noise_prob_<j>`` in nodes
+written before schema 1.1), ``structure`` string,
 ``radius_nm``/``distance_nm`` float64 (NaN when not given), one float64 column per motor.
 
 Resilience: when Tiled is unreachable (transport error / HTTP 5xx) or refuses the key
@@ -46,9 +47,10 @@ from typing import Any
 
 import httpx
 import numpy as np
-import pandas as pd
-import pyarrow as pa
 import xarray as xr
+
+from .derived import SCHEMA_VERSION, DerivedSchema
+from .runtime import DEFAULT_ROOT
 
 __all__ = [
     "DERIVED_SPEC",
@@ -62,6 +64,7 @@ __all__ = [
     "read_derived",
     "default_backup_dir",
     "is_server_fault",
+    "tiled_reachable",
     "is_refused",
     "describe_fault",
 ]
@@ -69,24 +72,11 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 DERIVED_SPEC = "GISAXSDerived"
-DERIVED_SPEC_VERSION = "1.0"
+DERIVED_SPEC_VERSION = SCHEMA_VERSION
 TABLE_KEY = "frames"
 STATUSES = ("running", "complete", "failed")
 MAX_ERRORS = 50
 MAX_ERROR_CHARS = 2000
-
-# column name -> (arrow type, numpy dtype, allowed numpy kinds)
-_CORE: dict[str, tuple[pa.DataType, str, str]] = {
-    "seq_num": (pa.int64(), "int64", "iu"),
-    "time": (pa.float64(), "float64", "iuf"),
-    "bin_id": (pa.int64(), "int64", "iu"),
-    "outlier_score": (pa.float32(), "float32", "iuf"),
-    "is_outlier": (pa.bool_(), "bool", "b"),
-    "recon_error": (pa.float32(), "float32", "iuf"),
-}
-_OPTIONAL_FLOATS = ("radius_nm", "distance_nm")
-_RESERVED = set(_CORE) | {"latent", "noise_prob", "structure", *_OPTIONAL_FLOATS}
-
 
 def default_backup_dir() -> Path:
     """Per-user cache dir for rows that could not reach Tiled."""
@@ -130,123 +120,8 @@ def describe_fault(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def _latent_col(i: int) -> str:
-    return f"latent_{i}"
-
-
-def _noise_col(j: int) -> str:
-    return f"noise_prob_{j}"
-
-
 def _safe_key(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.\-]", "_", text)
-
-
-class _Layout:
-    """Column layout of one derived node (fixed at open time)."""
-
-    def __init__(self, latent_dim: int, noise_kinds: Sequence[str], motors: Sequence[str]):
-        if int(latent_dim) < 1:
-            raise ValueError(f"latent_dim must be >= 1, got {latent_dim!r}")
-        kinds = [str(k) for k in noise_kinds]
-        if len(set(kinds)) != len(kinds):
-            raise ValueError(f"noise_kinds must be unique, got {kinds!r}")
-        motors = [str(m) for m in motors]
-        for m in motors:
-            if m in _RESERVED or m.startswith(("latent_", "noise_prob_")):
-                raise ValueError(f"motor name {m!r} collides with a derived column name")
-        self.latent_dim = int(latent_dim)
-        self.noise_kinds = kinds
-        self.motors = motors
-
-    def schema(self) -> pa.Schema:
-        """Arrow schema of the frames table."""
-        fields = [(k, t) for k, (t, _, _) in _CORE.items()]
-        fields += [(_latent_col(i), pa.float32()) for i in range(self.latent_dim)]
-        fields += [(_noise_col(j), pa.float32()) for j in range(len(self.noise_kinds))]
-        fields += [("structure", pa.string())]
-        fields += [(c, pa.float64()) for c in _OPTIONAL_FLOATS]
-        fields += [(m, pa.float64()) for m in self.motors]
-        return pa.schema(fields)
-
-    def validate(self, rows: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], str | None]:
-        """Check rows and flatten to table columns; ValueError names the bad column."""
-        if not isinstance(rows, Mapping):
-            raise ValueError(f"rows must be a mapping of column -> array, got {type(rows)}")
-        required = [*_CORE, "latent", "noise_prob", *self.motors]
-        for name in required:
-            if name not in rows:
-                raise ValueError(f"missing column {name!r} in rows")
-        n = len(np.asarray(rows["seq_num"]).reshape(-1))
-        out: dict[str, np.ndarray] = {}
-
-        def arr(name: str, ndim: int) -> np.ndarray:
-            a = np.asarray(rows[name])
-            if a.ndim != ndim or a.shape[0] != n:
-                want = "(n,)" if ndim == 1 else f"(n, {a.shape[1:] or '?'})"
-                raise ValueError(
-                    f"column {name!r}: expected shape {want} with n={n}, got {a.shape}"
-                )
-            return a
-
-        def check_kind(name: str, a: np.ndarray, kinds: str) -> None:
-            if a.dtype.kind not in kinds:
-                raise ValueError(
-                    f"column {name!r}: dtype {a.dtype} not allowed (kinds {kinds!r})"
-                )
-
-        for name, (_, dtype, kinds) in _CORE.items():
-            a = arr(name, 1)
-            if n and name == "is_outlier" and a.dtype.kind in "iu" and set(np.unique(a)) <= {0, 1}:
-                a = a.astype(bool)
-            check_kind(name, a, kinds)
-            out[name] = a.astype(dtype)
-        lat = arr("latent", 2)
-        if lat.shape[1] != self.latent_dim:
-            raise ValueError(
-                f"column 'latent': expected shape (n, {self.latent_dim}), got {lat.shape}"
-            )
-        check_kind("latent", lat, "iuf")
-        for i in range(self.latent_dim):
-            out[_latent_col(i)] = lat[:, i].astype("float32")
-        nk = len(self.noise_kinds)
-        noise = arr("noise_prob", 2)
-        if noise.shape[1] != nk:
-            raise ValueError(f"column 'noise_prob': expected shape (n, {nk}), got {noise.shape}")
-        check_kind("noise_prob", noise, "iuf")
-        for j in range(nk):
-            out[_noise_col(j)] = noise[:, j].astype("float32")
-        structure_kind = None
-        if "structure" in rows and rows["structure"] is not None:
-            s = arr("structure", 1)
-            if s.dtype.kind in "iu":
-                structure_kind = "int"
-            elif s.dtype.kind in "UO":
-                structure_kind = "str"
-            else:
-                raise ValueError(f"column 'structure': dtype {s.dtype} must be str or int")
-            out["structure"] = np.array([str(v) for v in s], dtype=str)
-        else:
-            out["structure"] = np.full(n, "", dtype=str)
-        for name in _OPTIONAL_FLOATS:
-            if name in rows and rows[name] is not None:
-                a = arr(name, 1)
-                check_kind(name, a, "iuf")
-                out[name] = a.astype("float64")
-            else:
-                out[name] = np.full(n, np.nan)
-        for m in self.motors:
-            a = arr(m, 1)
-            check_kind(m, a, "iuf")
-            out[m] = a.astype("float64")
-        return out, structure_kind
-
-    def to_arrow(self, cols: Mapping[str, np.ndarray]) -> pa.Table:
-        """Columns -> arrow table with the node schema."""
-        schema = self.schema()
-        return pa.Table.from_arrays(
-            [pa.array(np.asarray(cols[f.name]), type=f.type) for f in schema], schema=schema
-        )
 
 
 def _select(cols: Mapping[str, np.ndarray], mask: np.ndarray) -> dict[str, np.ndarray]:
@@ -346,7 +221,8 @@ class DerivedRunWriter:
         self.store = store
         self.key = key
         self.params = params
-        self.layout = _Layout(params["latent_dim"], params["noise_kinds"], params["motors"])
+        self.layout = DerivedSchema(params["latent_dim"], tuple(params["noise_kinds"]),
+                                    tuple(params["motors"]))
         self.stored_seq_nums: set[int] = set()
         self._backup = _Backup(store.backup_dir / _safe_key(key))
         self._node: Any = None
@@ -464,8 +340,12 @@ class DerivedRunWriter:
                 created = True
             if not created and TABLE_KEY in node:
                 table = node[TABLE_KEY]
+                # a node written before schema 1.1 keeps its noise column names
+                self.layout = DerivedSchema.for_table(
+                    self.layout.latent_dim, self.layout.noise_kinds, self.layout.motors,
+                    list(table.structure().columns))
             else:
-                table = node.create_appendable_table(self.layout.schema(), key=TABLE_KEY)
+                table = node.create_appendable_table(self.layout.arrow_schema(), key=TABLE_KEY)
             self._node, self._table = node, table
             if created:  # a new node holds no rows: nothing to read back
                 self.stored_seq_nums = set()
@@ -731,6 +611,31 @@ class NodeBusyError(RuntimeError):
     """Another writer on this machine holds the node (see :class:`NodeLock`)."""
 
 
+def tiled_reachable(client: Any, timeout: float = 2.0) -> bool:
+    """A fast request (no client retries) to tell whether the client's Tiled answers at all.
+
+    A transport error is tried once more at once: after a server restart the client's
+    pooled keep-alive connection to the old process fails on first use, and the second
+    attempt opens a fresh one. A server that is down refuses both in milliseconds.
+    """
+    ctx = getattr(client, "context", None)
+    if ctx is None:
+        return True
+    in_process = type(ctx.http_client).__name__ == "TestClient"  # no timeouts there
+    kwargs = {} if in_process else {"timeout": timeout}
+    for attempt in range(2):
+        try:
+            r = ctx.http_client.get(ctx.api_uri, **kwargs)
+        except httpx.TransportError:
+            if attempt:
+                return False
+            continue
+        except httpx.HTTPError:
+            return False
+        return r.status_code < 500
+    return False
+
+
 class DerivedStore:
     """Factory for per-(raw run, model) derived nodes under a top-level container ``root``."""
 
@@ -738,7 +643,7 @@ class DerivedStore:
         self,
         client: Any,
         *,
-        root: str = "gisaxs_derived",
+        root: str = DEFAULT_ROOT,
         backup_dir: str | Path | None = None,
         probe_timeout: float = 2.0,
         summary_interval: float = 1.0,
@@ -770,26 +675,8 @@ class DerivedStore:
             return "?"
 
     def reachable(self) -> bool:
-        """A fast request (no client retries) to tell whether Tiled answers at all.
-
-        A transport error is tried once more at once: after a server restart the client's
-        pooled keep-alive connection to the old process fails on first use, and the second
-        attempt opens a fresh one. A server that is down refuses both in milliseconds.
-        """
-        ctx = self.client.context
-        in_process = type(ctx.http_client).__name__ == "TestClient"  # no timeouts there
-        kwargs = {} if in_process else {"timeout": self.probe_timeout}
-        for attempt in range(2):
-            try:
-                r = ctx.http_client.get(ctx.api_uri, **kwargs)
-            except httpx.TransportError:
-                if attempt:
-                    return False
-                continue
-            except httpx.HTTPError:
-                return False
-            return r.status_code < 500
-        return False
+        """Whether Tiled answers at all (:func:`tiled_reachable`, no client retries)."""
+        return tiled_reachable(self.client, self.probe_timeout)
 
     def root_node(self) -> Any:
         """The root container client, created at top level if absent (looked up once: every
@@ -894,32 +781,18 @@ def read_derived(node: Any) -> xr.Dataset:
     latent_dim = int(md.get("latent_dim", sum(c.startswith("latent_") for c in df.columns)))
     kinds = list(md.get("noise_kinds", []))
     motors = list(md.get("motors", []))
-    n = len(df)
-    latent = np.stack([df[_latent_col(i)].to_numpy("float32") for i in range(latent_dim)], axis=1) \
-        if n else np.zeros((0, latent_dim), "float32")
-    noise = np.stack([df[_noise_col(j)].to_numpy("float32") for j in range(len(kinds))], axis=1) \
-        if n and kinds else np.zeros((n, len(kinds)), "float32")
-    structure = df["structure"].astype(str).to_numpy() if n else np.array([], dtype=str)
-    if md.get("structure_kind") == "int" and n:
-        structure = np.array([int(s) if s != "" else -1 for s in structure], dtype="int64")
+    schema = DerivedSchema.for_table(latent_dim, kinds, motors, list(df.columns))
+    rows = schema.rows_from_table(df, md.get("structure_kind"))
     data_vars: dict[str, Any] = {
-        "time": ("frame", df["time"].to_numpy("float64")),
-        "latent": (("frame", "latent_dim"), latent),
-        "bin_id": ("frame", df["bin_id"].to_numpy("int64")),
-        "outlier_score": ("frame", df["outlier_score"].to_numpy("float32")),
-        "is_outlier": ("frame", df["is_outlier"].to_numpy(bool)),
-        "recon_error": ("frame", df["recon_error"].to_numpy("float32")),
-        "noise_prob": (("frame", "noise_kind"), noise),
-        "structure": ("frame", structure),
-        "radius_nm": ("frame", df["radius_nm"].to_numpy("float64")),
-        "distance_nm": ("frame", df["distance_nm"].to_numpy("float64")),
-    }
-    for m in motors:
-        data_vars[m] = ("frame", df[m].to_numpy("float64"))
+        name: ("frame", rows[name]) for name in
+        ("time", "bin_id", "outlier_score", "is_outlier", "recon_error", "structure",
+         "radius_nm", "distance_nm", *motors)}
+    data_vars["latent"] = (("frame", "latent_dim"), rows["latent"])
+    data_vars["noise_prob"] = (("frame", "noise_kind"), rows["noise_prob"])
     return xr.Dataset(
         data_vars,
         coords={
-            "seq_num": ("frame", df["seq_num"].to_numpy("int64")),
+            "seq_num": ("frame", rows["seq_num"]),
             "noise_kind": ("noise_kind", kinds),
             "latent_dim": ("latent_dim", np.arange(latent_dim)),
         },

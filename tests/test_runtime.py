@@ -14,11 +14,13 @@ def test_defaults_overrides_and_cli_flags(tmp_path):
     d = RuntimeConfig()
     assert (d.root, d.batch_size, d.write_interval) == ("gisaxs_derived", 16, 1.0)
     assert d.spill_path.name == "spill" and d.backup_path.name == "derived_backup"
-    c = d.replace(batch_size=4, backup_dir=str(tmp_path), root=None)
+    c = d.replace(batch_size=4, backup_dir=str(tmp_path), torch_threads=None)
     assert c.batch_size == 4 and c.backup_path == Path(tmp_path) and c.root == "gisaxs_derived"
+    assert c.n_torch_threads is None  # None: leave torch as it is
     parser = argparse.ArgumentParser()
     add_runtime_arguments(parser)
     args = parser.parse_args(["--batch-size", "8", "--torch-threads", "2"])
+    assert args.root is None  # not given: the default
     cfg = RuntimeConfig.from_args(args)
     assert (cfg.batch_size, cfg.n_torch_threads, cfg.write_interval) == (8, 2, 1.0)
 

@@ -25,6 +25,7 @@ from event_model import RunRouter
 
 from ..frames import FrameReaders, FrameRef, RunFrames, RunFramesOptions
 from ..pipeline import BinningPipeline
+from ..runtime import DEFAULT_ROOT
 from .core import ScanResults
 
 __all__ = ["DerivedCallbackResults", "LiveEncoder", "ResultsSource"]
@@ -203,7 +204,7 @@ class DerivedCallbackResults:
     """
 
     def __init__(self, callback: Any, client: Any, motors: Sequence[str] = ("sample_x",),
-                 root: str = "gisaxs_derived") -> None:
+                 root: str = DEFAULT_ROOT) -> None:
         self.callback = callback
         self.client = client
         self.motors = tuple(motors)

@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from ..runtime import DEFAULT_ROOT
 from .core import Suggestion
 
 __all__ = ["SUGGESTIONS_SPEC", "SuggestionWriter", "read_suggestions", "suggestions_key"]
@@ -37,7 +38,7 @@ class SuggestionWriter:
     """Appends rounds of suggestions for one raw run to Tiled (creates the node on open)."""
 
     def __init__(self, client: Any, raw_uid: str, motors: Sequence[str], *,
-                 root: str = "gisaxs_derived", metadata: Mapping[str, Any] | None = None) -> None:
+                 root: str = DEFAULT_ROOT, metadata: Mapping[str, Any] | None = None) -> None:
         from tiled.structures.core import Spec
 
         from ..store import DerivedStore
@@ -110,7 +111,7 @@ class SuggestionWriter:
         self.update(status=status, finished=time.time(), **md)
 
 
-def read_suggestions(client: Any, raw_uid: str, root: str = "gisaxs_derived") -> pd.DataFrame:
+def read_suggestions(client: Any, raw_uid: str, root: str = DEFAULT_ROOT) -> pd.DataFrame:
     """Suggestions of raw run ``raw_uid`` as a DataFrame (metadata in ``df.attrs``)."""
     key = suggestions_key(raw_uid)
     if root not in client or key not in client[root]:

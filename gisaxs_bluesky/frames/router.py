@@ -164,8 +164,8 @@ class RunFrames(DocumentRouter):
         seq = int(event["seq_num"])
         key = (event["descriptor"], seq)
         if key in self._seen:
-            self.note(f"stream {stream.name!r}: seq_num={seq} seen twice; the later frame is "
-                      f"not binned (a row per seq_num)")
+            self.note(f"event seq_num={seq} repeated in stream {stream.name!r}: the later "
+                      "frame is ignored, the first one binned (a row per seq_num)")
             return
         self._seen.add(key)
         data = event.get("data") or {}
@@ -178,7 +178,7 @@ class RunFrames(DocumentRouter):
             value = data[image]
             filled = (event.get("filled") or {}).get(image, True)
             if value is None:
-                frame.error = frame.error or f"frame seq_num={seq}: image key {image!r} is None"
+                frame.error = frame.error or f"frame seq_num={seq}: image {image!r} is None in the event"
             elif isinstance(value, str) and filled is not True:
                 frame.loader, frame.source = self._datum_loader(stream, event, value)
             else:

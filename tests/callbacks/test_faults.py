@@ -201,7 +201,7 @@ def test_full_queue_does_not_hold_the_runengine(RE, tiled_client, tmp_path):
     RE.subscribe(timed)
     (x,) = make_motors("x")
     (uid,) = RE(bp.scan([InlineDetector(blob_frames(20))], x, 0.0, 1.0, 20))
-    assert cb.put_timeout == 0.0
+    assert cb.config.put_timeout == 0.0
     assert sum(spent) < 2.0  # was >= 0.2 s per spilled frame: > 3 s here
     assert cb.wait(120)
     node = derived_node(tiled_client, uid)
@@ -264,7 +264,7 @@ def test_short_runs_leave_no_state_and_no_open_files(RE, tiled_client, detector_
     uids = [RE(bp.count([det], 1))[0] for _ in range(6)]
     assert cb.wait(60)
     assert _open_h5_files() == before  # each run's file closed at its finish
-    assert not cb._live_runs and not cb._unsettled and not cb._runs
+    assert not cb.writes._live and not cb.writes._unsettled and not cb._open
     for uid in uids:
         assert read_rows(derived_node(tiled_client, uid))["seq_num"].tolist() == [1]
 
@@ -369,7 +369,7 @@ def test_run_without_stop_is_closed_failed_with_the_reason(tiled_client, tmp_pat
 
 def test_spill_folders_are_per_callback(tiled_client, tmp_path):
     a, b = make_callback(tiled_client, tmp_path), make_callback(tiled_client, tmp_path)
-    assert a.spill_dir == b.spill_dir and a._spill_tag != b._spill_tag
+    assert a.spill_dir == b.spill_dir and a.worker.spill_tag != b.worker.spill_tag
     with pytest.raises(ValueError, match="retry_interval"):
         make_callback(tiled_client, tmp_path, retry_interval=0)
 

@@ -166,12 +166,12 @@ def test_malformed_streams_are_named_not_silent():
                                              timestamps={"x": 0, "img": 0}, seq_num=seq)
     router("event", ev(2, np.ones(SHAPE)))
     router("event", ev(2, np.zeros(SHAPE)))  # duplicate seq_num
-    assert "seq_num=2 seen twice" in notes[-1]
+    assert "event seq_num=2 repeated" in notes[-1]
     router("event", ev(3, None))
     router("event", other.compose_event(data={"x": 1.0}, timestamps={"x": 0}, seq_num=1))
     assert [f.seq_num for f in frames] == [2, 3]
     assert float(frames[0].load()[0, 0]) == 1.0
-    assert frames[1].error == "frame seq_num=3: image key 'img' is None"
+    assert frames[1].error == "frame seq_num=3: image 'img' is None in the event"
     assert len(notes) == 3  # the baseline event is not a problem
 
 

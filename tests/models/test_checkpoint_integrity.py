@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from gisaxs_bluesky import replay
-from gisaxs_bluesky.models import GisaxsDAE, save_checkpoint
+from gisaxs_bluesky.models import GisaxsDAE, ModelSpecError, save_checkpoint
 from gisaxs_bluesky.models.checkpoint import CheckpointError, card_path, load_checkpoint
 
 
@@ -69,6 +69,6 @@ def test_old_checkpoint_without_digest_or_card_warns(tmp_path, caplog):
 
 
 def test_untrained_seed_must_be_an_integer():
-    with pytest.raises(replay.ReplayError, match="seed after 'untrained:' must be an integer"):
+    with pytest.raises(ModelSpecError, match="seed after 'untrained:' must be an integer"):
         replay.load_model("untrained:abc")
     assert replay.load_model("untrained:3").version == "seed3"
