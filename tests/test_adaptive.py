@@ -76,7 +76,7 @@ def test_clip_or_drop_outside_limits(caplog):
     x = np.array([10.0, 12.0, 14.0])
     scores = np.array([0.1, 0.1, 5.0])
     narrow = {"sample_x": (10.0, 13.5)}
-    with caplog.at_level(logging.INFO, logger="gisaxs_bluesky.adaptive.core"):
+    with caplog.at_level(logging.INFO, logger="gisaxs_bluesky.adaptive.suggest"):
         dropped = suggest_points(_results(x, [0, 0, 0], scores),
                                  SuggestConfig(narrow, out_of_limits="drop"))
     assert all(10 <= s.position["sample_x"] <= 13.5 for s in dropped)
@@ -91,16 +91,16 @@ def test_clip_or_drop_outside_limits(caplog):
 
 def test_nan_and_empty(caplog):
     cfg = SuggestConfig(LIMITS)
-    with caplog.at_level(logging.WARNING, logger="gisaxs_bluesky.adaptive.core"):
+    with caplog.at_level(logging.WARNING, logger="gisaxs_bluesky.adaptive.suggest"):
         assert suggest_points(ScanResults.empty(["sample_x"]), cfg) == []
     assert "nothing to suggest" in caplog.text
     caplog.clear()
     x = [10.0, 12.0, 14.0, 16.0]
-    with caplog.at_level(logging.WARNING, logger="gisaxs_bluesky.adaptive.core"):
+    with caplog.at_level(logging.WARNING, logger="gisaxs_bluesky.adaptive.suggest"):
         out = suggest_points(_results(x, [0, 0, 0, 0], [np.nan, 3.0, np.nan, 0.1]), cfg)
     assert "NaN" in caplog.text and "[1, 3]" in caplog.text
     assert {s.source_seq_nums for s in out} == {(2,)}
-    with caplog.at_level(logging.WARNING, logger="gisaxs_bluesky.adaptive.core"):
+    with caplog.at_level(logging.WARNING, logger="gisaxs_bluesky.adaptive.suggest"):
         assert suggest_points(_results(x[:2], [0, 0], [np.nan, np.nan]), cfg) == []
 
 

@@ -8,7 +8,12 @@
 * :mod:`.plot` -- :func:`plot_suggestions` for reports.
 """
 
-from .core import (
+from .live import DerivedCallbackResults, LiveEncoder, ResultsSource
+from .optimizer import DAEOptimizer, LiveEvaluation
+from .plans import Suggester, adaptive_scan
+from .plot import plot_suggestions
+from .scenes import defect_scene, exposure_frame_fn
+from .suggest import (
     REASONS,
     ScanResults,
     SuggestConfig,
@@ -16,11 +21,6 @@ from .core import (
     check_limits,
     suggest_points,
 )
-from .live import DerivedCallbackResults, LiveEncoder, ResultsSource
-from .optimizer import DAEOptimizer, LiveEvaluation
-from .plans import Suggester, adaptive_scan
-from .plot import plot_suggestions
-from .sim import defect_scene, exposure_frame_fn
 from .tiled_io import SuggestionWriter, read_suggestions, suggestions_key
 
 __all__ = [

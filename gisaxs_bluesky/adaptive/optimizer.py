@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from .core import ScanResults, SuggestConfig, Suggestion, suggest_points
+from .suggest import ScanResults, SuggestConfig, Suggestion, suggest_points
 
 __all__ = ["DAEOptimizer", "LiveEvaluation", "ID_KEY"]
 
@@ -51,7 +51,7 @@ class DAEOptimizer:
             raise ValueError(f"coarse positions differ in length: {n}")
         self.coarse = [{m: float(coarse[m][i]) for m in self.motors} for i in range(n.pop())]
         for p in self.coarse:
-            from .core import check_limits
+            from .suggest import check_limits
 
             check_limits(p, config.limits)
         if budget < 1:

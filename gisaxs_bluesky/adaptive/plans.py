@@ -20,8 +20,8 @@ import bluesky.preprocessors as bpp
 import numpy as np
 from bluesky.utils import MsgGenerator
 
-from .core import ScanResults, SuggestConfig, Suggestion, check_limits, suggest_points
 from .live import ResultsSource
+from .suggest import ScanResults, SuggestConfig, Suggestion, check_limits, suggest_points
 
 __all__ = ["Suggester", "adaptive_scan"]
 

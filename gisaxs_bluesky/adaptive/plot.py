@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from .core import ScanResults, Suggestion
+from .suggest import ScanResults, Suggestion
 
 __all__ = ["plot_suggestions"]
 

@@ -21,7 +21,7 @@ import pandas as pd
 import pyarrow as pa
 
 from ..runtime import DEFAULT_ROOT
-from .core import Suggestion
+from .suggest import Suggestion
 
 __all__ = ["SUGGESTIONS_SPEC", "SuggestionWriter", "read_suggestions", "suggestions_key"]
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from ..h5live import SwmrFrameReader
+from .hdf5 import SwmrFrameReader
 from .uri import uri_to_path
 
 __all__ = ["HDF5_MIMETYPES", "FrameReaders", "TiledFrameLoader", "default_handlers"]

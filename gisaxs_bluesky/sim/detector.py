@@ -41,7 +41,7 @@ from ophyd_async.core import (
 )
 from ophyd_async.sim import SimMotor
 
-from ..h5live import read_row, register_local_writer, unregister_local_writer
+from ..frames.hdf5 import read_row, register_local_writer, unregister_local_writer
 
 __all__ = [
     "DATA_PATH",
@@ -93,7 +93,7 @@ class _FrameFile:
 
     Readers in other processes open the file with SWMR; readers in this process (the DAE
     callback, the adaptive plan) read through :meth:`read_frame`, registered with
-    :func:`gisaxs_bluesky.h5live.register_local_writer`, because HDF5 shares one open file per
+    :func:`gisaxs_bluesky.frames.hdf5.register_local_writer`, because HDF5 shares one open file per
     process and a second handle on it is not a safe SWMR reader.
     """
 

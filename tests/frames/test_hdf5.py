@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from gisaxs_bluesky.h5live import SwmrFrameReader, local_writer
+from gisaxs_bluesky.frames.hdf5 import SwmrFrameReader, local_writer
 from gisaxs_bluesky.sim.detector import DATA_PATH, SUM_PATH, _FrameFile
 
 SHAPE = (64, 48)
