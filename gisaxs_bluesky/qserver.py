@@ -3,8 +3,8 @@
 A suggestion (a row of ``/gisaxs_derived/<raw_uid>-suggestions/suggestions``, see
 :mod:`gisaxs_bluesky.adaptive.tiled_io`) is identified by :func:`suggestion_id`, a hash of its
 round, reason and position, so the id survives re-reads in any order. Accepting one adds a
-plan to the Queue Server queue (``list_scan`` of the configured detectors at the suggested
-motor position by default) whose ``md`` carries ``gisaxs_suggestion_id``, ``gisaxs_raw_uid``
+plan to the Queue Server queue (:func:`~gisaxs_bluesky.qserver_plans.measure_suggestion` of
+the configured detectors at the suggested motor position by default) whose ``md`` carries ``gisaxs_suggestion_id``, ``gisaxs_raw_uid``
 and ``gisaxs_reason``; rejecting one queues nothing. Either way the decision (who, when,
 accepted/rejected, queue item uid) is appended to the ``decisions`` table of the same
 suggestions node. Nothing is queued without a decision unless auto-approval is switched on
@@ -32,7 +32,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import pyarrow as pa
 
@@ -122,7 +121,8 @@ class QueueBridge:
     client: Tiled client (root container) holding the suggestions.
     qserver: a ``bluesky_queueserver_api`` REManagerAPI, or the RE manager's 0MQ control
         address (``tcp://host:60615``); None when only rejections are recorded.
-    plan: plan name added to the queue, called as ``plan(detectors, motor, [x], ..., md=...)``.
+    plan: plan name added to the queue, called as ``plan(detectors, motors, positions, md=...)``
+        (:func:`gisaxs_bluesky.qserver_plans.measure_suggestion` by default).
     detectors: device names passed as the plan's first argument.
     auto_budget: points per raw run accepted without a person (None: never).
     """
@@ -133,7 +133,7 @@ class QueueBridge:
         qserver: Any = None,
         *,
         root: str = "gisaxs_derived",
-        plan: str = "list_scan",
+        plan: str = "measure_suggestion",
         detectors: Sequence[str] = ("det",),
         auto_budget: int | None = None,
         pending_path: str | Path | None = None,
@@ -219,12 +219,11 @@ class QueueBridge:
         return None
 
     def plan_item(self, raw_uid: str, suggestion: Mapping[str, Any]) -> Any:
-        """The BPlan for a suggestion: ``plan(detectors, m1, [x1], ..., md=tags)``."""
+        """The BPlan for a suggestion: ``plan(detectors, motors, positions, md=tags)``."""
         from bluesky_queueserver_api import BPlan
 
-        args: list[Any] = [list(self.detectors)]
-        for motor, x in suggestion["position"].items():
-            args += [motor, [float(x)]]
+        motors = list(suggestion["position"])
+        args = [list(self.detectors), motors, [float(suggestion["position"][m]) for m in motors]]
         md = {MD_ID: suggestion["suggestion_id"], MD_RAW_UID: raw_uid,
               MD_REASON: suggestion["reason"], "gisaxs_priority": suggestion["priority"]}
         return BPlan(self.plan, *args, md=md)
@@ -381,7 +380,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a local catalog directory (e.g. demo_output/catalog) instead")
     parser.add_argument("--qserver", default=os.environ.get("QSERVER_ZMQ_CONTROL_ADDRESS"),
                         help="RE manager 0MQ control address, e.g. tcp://localhost:60615")
-    parser.add_argument("--plan", default="list_scan")
+    parser.add_argument("--plan", default="measure_suggestion")
     parser.add_argument("--detectors", default="det", help="comma-separated device names")
     parser.add_argument("--who", default=None, help="who decides (default: login name)")
     parser.add_argument("--note", default="")
@@ -449,8 +448,3 @@ def run(args: argparse.Namespace) -> int:
         return 1
     return 1 if failed else 0
 
-
-def _np_default(obj: Any) -> Any:  # pragma: no cover - json helper
-    if isinstance(obj, np.generic):
-        return obj.item()
-    raise TypeError(type(obj))

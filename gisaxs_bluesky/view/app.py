@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, StreamingResponse
 
 from .data import ViewConfig, frame_preview, umap_available
 from .watch import Watcher
@@ -133,9 +135,6 @@ class ViewState:
 
 def build_view_app(state: ViewState | None = None) -> Any:
     """The FastAPI app; ``app.state.view`` may be set later (503 until then)."""
-    from fastapi import FastAPI, HTTPException, Request
-    from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, StreamingResponse
-
     app = FastAPI(title="gisaxs-bluesky live view", docs_url=None, redoc_url=None)
     app.state.view = state
 

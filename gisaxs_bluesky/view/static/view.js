@@ -36,7 +36,7 @@ function showStatus(s) {
   if (s.error) banner(`Tiled problem (retrying): ${s.error}`); else if ($("banner").dataset.kind === "tiled") banner(null);
   $("banner").dataset.kind = s.error ? "tiled" : "";
   $("qserver").textContent = s.qserver
-    ? `Accepted points are queued in the Queue Server at ${s.qserver} as plan ${s.plan}(${s.detectors.join(", ")}, motor, [x]); `
+    ? `Accepted points are queued in the Queue Server at ${s.qserver} as plan ${s.plan}([${s.detectors.join(", ")}], motors, positions); `
       + (s.auto_budget === null ? "nothing is queued without an approval." : `auto-approval is ON: up to ${s.auto_budget} points per run without a person.`)
     : "No Queue Server configured (start the view with --qserver tcp://HOST:60615): decisions can be recorded, accepting needs a Queue Server.";
   $("embedding").querySelector('option[value="umap"]').textContent = s.umap ? "UMAP" : "UMAP (not installed)";
@@ -53,11 +53,12 @@ async function loadRuns() {
     o.value = r.key; o.textContent = `scan ${r.scan_id ?? "?"} · ${r.raw_uid.slice(0, 8)} · ${r.model_id} · ${r.status} · ${r.n_frames} frames`;
     sel.appendChild(o);
   }
-  if (!data.runs.length) { $("run-info").textContent = "No binned runs in Tiled yet; waiting for the first one."; return; }
   const wanted = new URLSearchParams(location.search).get("run");
+  if (wanted && !view.key && !view.triedWanted) { view.triedWanted = true; await loadRun(wanted); if (view.key) return; }
+  if (!data.runs.length) { if (!wanted) $("run-info").textContent = "No binned runs in Tiled yet; waiting for the first one."; return; }
   let next = keep;
-  if (wanted && !view.key) next = wanted;
-  else if ($("follow-latest").checked || !keep) next = data.runs[0].key;
+  if (wanted && !view.key) return;  // the asked-for run failed: keep its message on screen
+  if ($("follow-latest").checked || !keep) next = data.runs[0].key;
   if (data.runs.some((r) => r.key === next)) sel.value = next;
   if (next !== view.key) await loadRun(next);
 }
