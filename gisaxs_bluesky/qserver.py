@@ -194,6 +194,21 @@ class QueueBridge:
                 if line.strip()]
         return [r for r in recs if raw_uid is None or r["raw_uid"] == raw_uid]
 
+    def tiled_reachable(self) -> bool:
+        """One quick request (the Tiled client itself retries a dead server for long)."""
+        import httpx
+
+        ctx = self.client.context
+        kwargs = {} if type(ctx.http_client).__name__ == "TestClient" else {"timeout": 2.0}
+        for _ in range(2):  # a pooled connection to a restarted server fails once
+            try:
+                return ctx.http_client.get(ctx.api_uri, **kwargs).status_code < 500
+            except httpx.TransportError:
+                continue
+            except httpx.HTTPError:
+                return False
+        return False
+
     # -- queue ---------------------------------------------------------------------------
     def _require_api(self) -> Any:
         if self.api is None:
@@ -244,6 +259,9 @@ class QueueBridge:
         """One decision on suggestion ``sid`` of ``raw_uid``; returns the stored record."""
         who = who or _default_user()
         with self._lock:
+            if not self.tiled_reachable():
+                raise DecisionError(f"Tiled at {self.client.context.api_uri} is unreachable; "
+                                    "nothing was queued")
             self.resend_pending()
             try:
                 table = {s["suggestion_id"]: s for s in self.suggestions(raw_uid)}
@@ -294,6 +312,8 @@ class QueueBridge:
     def _store(self, record: Mapping[str, Any]) -> str:
         """Append a decision to Tiled; kept locally (and re-sent later) if Tiled fails."""
         try:
+            if not self.tiled_reachable():
+                raise ConnectionError("Tiled unreachable")
             self._append(record)
             return "tiled"
         except Exception as exc:  # noqa: BLE001 - keep it, never lose a decision
@@ -315,7 +335,7 @@ class QueueBridge:
     def resend_pending(self) -> int:
         """Send decisions kept locally to Tiled; returns how many went."""
         recs = self._pending()
-        if not recs:
+        if not recs or not self.tiled_reachable():
             return 0
         left, sent = [], 0
         for rec in recs:
