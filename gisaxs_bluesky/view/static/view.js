@@ -78,8 +78,8 @@ async function loadRun(key) {
     (data.embedding === "umap" ? "UMAP of the identity latent (fitted on load)" :
      `PCA of the ${data.identity_dim}-dim identity latent (basis fitted on load, new frames projected onto it)`);
   showRunInfo(data.metadata, data);
-  drawPlots(); drawSummary(data);
   loadSuggestions();
+  drawPlots(); drawSummary(data);
   view.loads += 1; view.loadMs = performance.now() - t0;
 }
 
@@ -144,9 +144,9 @@ async function loadFrame(card, b) {
   const div = card.querySelector(".frame");
   try {
     const f = await getJSON(`api/run/${encodeURIComponent(view.key)}/frame/${b.medoid_seq}`);
-    Plotly.react(div, [{z: f.z, type: "heatmap", colorscale: "Magma", showscale: false,
+    Plotly.react(div, [{z: f.z, type: "heatmap", colorscale: "Viridis", showscale: false,
                         hovertemplate: "row %{y}, col %{x}<br>log10 counts %{z}<extra></extra>"}],
-      {margin: {l: 20, r: 2, t: 2, b: 18}, yaxis: {autorange: "reversed"}}, {displayModeBar: false, staticPlot: false});
+      {margin: {l: 24, r: 2, t: 2, b: 18}, xaxis: {showgrid: false}, yaxis: {autorange: "reversed", showgrid: false}}, {displayModeBar: false, staticPlot: false});
   } catch (e) { div.textContent = e.message; div.className = "frame note"; }
 }
 
