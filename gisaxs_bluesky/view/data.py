@@ -36,9 +36,11 @@ class ViewConfig:
         since the last fit; new rows in between are projected onto the current basis.
     preview_pixels: a representative frame is block-averaged down to at most this many pixels
         per side before it is sent.
+    max_bins: bins listed with a representative frame (the most populated; all are counted).
     """
 
     max_points: int = 2000
+    max_bins: int = 24
     noise_threshold: float = 0.5
     refit_factor: float = 1.5
     preview_pixels: int = 128
@@ -209,9 +211,16 @@ class RunRows:
                           f"outliers and every {k}-th other frame (bins and counts use all)")
 
     def bins(self) -> list[dict[str, Any]]:
-        """Per bin: count, most common structure, median radius/distance, medoid seq_num."""
+        """Per bin (the ``max_bins`` most populated): count, most common structure, median
+        radius/distance, medoid seq_num."""
         rows = []
         df = self.df
+        if not len(df):
+            return rows
+        counts = df["bin_id"].value_counts()
+        top = sorted(counts.index[np.lexsort((counts.index.to_numpy(), -counts.to_numpy()))]
+                     [: self.config.max_bins].tolist())
+        df = df[df["bin_id"].isin(top)]
         for b, grp in df.groupby("bin_id", sort=True):
             z = self._latent(grp)
             ok = np.isfinite(z).all(axis=1)
@@ -258,7 +267,8 @@ class RunRows:
 
     def summary(self) -> dict[str, Any]:
         """Everything but the points: bins, outliers, noise, counts."""
-        return {"n_frames": self.n_frames, "n_outliers": int(self.df["is_outlier"].astype(bool)
+        n_bins = int(self.df["bin_id"].nunique()) if len(self.df) else 0
+        return {"n_frames": self.n_frames, "n_bins": n_bins, "n_outliers": int(self.df["is_outlier"].astype(bool)
                                                              .sum()) if len(self.df) else 0,
                 "bins": self.bins(), "outliers": self.outliers(), "noise": self.noise()}
 

@@ -90,6 +90,7 @@ class Watcher:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._meta_seen: dict[str, float] = {}
+        self._tables: dict[str, Any] = {}  # polling: frames table clients of followed runs
         self._runs: list[dict] | None = None
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -258,8 +259,9 @@ class Watcher:
                 if self.mode == "streaming":
                     self._streaming_housekeeping()
                 else:
-                    self._poll_rows()
-                    if time.monotonic() - last_runs > 2.0:
+                    slow = time.monotonic() - last_runs > 2.0  # metadata and run list
+                    self._poll_rows(metadata=slow)
+                    if slow:
                         self._poll_runs()
                         last_runs = time.monotonic()
                 if self.error:
@@ -272,7 +274,7 @@ class Watcher:
                     logger.warning("view: %s", msg)
                     self._emit("status", self.status())
             spent = time.monotonic() - t0
-            self._stop.wait(max(self.poll_interval_s, 2 * spent) if self.mode == "polling"
+            self._stop.wait(max(self.poll_interval_s - spent, 0.05) if self.mode == "polling"
                             else 1.0)
 
     def _streaming_housekeeping(self) -> None:
@@ -288,16 +290,21 @@ class Watcher:
                     self._subscribe_table(key, node)
                     self._merge(rows, node[TABLE_KEY].read(columns=rows.columns))
 
-    def _poll_rows(self) -> None:
+    def _poll_rows(self, metadata: bool = True) -> None:
+        """Re-read followed runs' tables (one request each); their metadata when asked."""
         for key, rows in list(self.rows.items()):
-            node = self.node(key)
-            md = dict(node.metadata)
-            if md.get("updated") != self._meta_seen.get(key):
-                self._meta_seen[key] = md.get("updated")
-                rows.metadata.update(md)
-                self._emit("meta", run_summary(key, md))
-            if TABLE_KEY in node:
-                self._merge(rows, node[TABLE_KEY].read(columns=rows.columns))
+            if metadata or key not in self._tables:
+                node = self.node(key)
+                md = dict(node.metadata)
+                if md.get("updated") != self._meta_seen.get(key):
+                    self._meta_seen[key] = md.get("updated")
+                    rows.metadata.update(md)
+                    self._emit("meta", run_summary(key, md))
+                if TABLE_KEY in node:
+                    self._tables[key] = node[TABLE_KEY]
+            table = self._tables.get(key)
+            if table is not None:
+                self._merge(rows, table.read(columns=rows.columns))
 
     def _poll_runs(self) -> None:
         before = {(r["key"], r["status"], r["n_frames"]) for r in (self._runs or [])}

@@ -37,11 +37,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _spawn(cmd: list[str], log: Path, **kwargs) -> subprocess.Popen:
+    """Start a server with its output in a log file (a never-read pipe fills up and blocks
+    the server once it has logged 64 KiB)."""
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, **kwargs)
+    proc.log = log
+    return proc
+
+
 def _wait(pred, timeout: float, what: str, proc: subprocess.Popen | None = None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
-            out = proc.stdout.read() if proc.stdout else ""
+            out = Path(proc.log).read_text(errors="replace") if hasattr(proc, "log") else ""
             raise RuntimeError(f"{what} exited with {proc.returncode}:\n{out[-3000:]}")
         try:
             if pred():
@@ -68,10 +77,9 @@ class RedisServer:
         if exe is None:
             pytest.skip("redis-server not installed (Debian: apt-get install -y redis-server)")
         self.port = free_port()
-        self.proc = subprocess.Popen(
+        self.proc = _spawn(
             [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(directory)],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             "--appendonly", "no", "--dir", str(directory)], directory / "redis.log")
         import redis
 
         r = redis.Redis(host="127.0.0.1", port=self.port)
@@ -118,8 +126,7 @@ class TiledProcess:
         (directory / "config.yml").write_text(yaml.safe_dump(config))
         cmd = [str(BIN / "tiled"), "serve", "config", str(directory / "config.yml"),
                "--host", "127.0.0.1", "--port", str(self.port)]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True)
+        self.proc = _spawn(cmd, directory / "tiled.log")
         _wait(lambda: httpx.get(f"{self.base_url}/healthz", timeout=1).status_code == 200, 60,
               "tiled serve", self.proc)
 
@@ -165,7 +172,7 @@ class QueueServer:
                        text=True, timeout=120, env=env)
         self.port = free_port()
         self.address = f"tcp://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen(
+        self.proc = _spawn(
             [str(BIN / "start-re-manager"), "--startup-dir", str(startup),
              "--existing-plans-devices", str(startup / "existing_plans_and_devices.yaml"),
              "--user-group-permissions", str(perms), "--update-existing-plans-devices",
@@ -173,7 +180,7 @@ class QueueServer:
              "--zmq-info-addr", f"tcp://127.0.0.1:{free_port()}", "--zmq-publish-console",
              "OFF", "--redis-addr", f"127.0.0.1:{redis_port}", "--redis-name-prefix",
              f"gisaxs_test_{secrets.token_hex(4)}", "--quiet"],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+            directory / "re-manager.log", env=env)
         from bluesky_queueserver_api.zmq import REManagerAPI
 
         self.api = REManagerAPI(zmq_control_addr=self.address, timeout_recv=5.0)

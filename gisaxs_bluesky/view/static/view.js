@@ -69,6 +69,7 @@ async function loadRun(key) {
   try { data = await getJSON(`api/run/${encodeURIComponent(key)}?embedding=${$("embedding").value}`); }
   catch (e) { banner(e.message); $("run-info").textContent = ""; return; }
   banner(data.notice || null);
+  view.serverMs = data.server_ms;
   view.key = data.key; view.rawUid = data.metadata.raw_uid; view.motor = data.motor;
   view.points = data.points; view.nFrames = data.n_frames;
   const now = Date.now();
@@ -133,6 +134,7 @@ function drawSummary(s) {
     if (card.dataset.medoid !== String(b.medoid_seq)) { card.dataset.medoid = b.medoid_seq; loadFrame(card, b); }
   }
   for (const card of [...cards.children]) if (!seen.has(card.dataset.bin)) card.remove();
+  $("bins-note").textContent = s.n_bins > s.bins.length ? `${s.n_bins} bins; the ${s.bins.length} most populated are shown.` : `${s.n_bins} bins.`;
   $("outliers").innerHTML = "<tr><th>seq_num</th><th>" + esc(view.motor) + "</th><th>bin</th><th>score</th><th>why</th><th>noise</th></tr>"
     + (s.outliers.length ? s.outliers.map((o) => `<tr><td>${o.seq_num}</td><td>${fmt(o.x, 3)}</td><td>${o.bin_id}</td><td>${fmt(o.outlier_score)}</td><td>${esc(o.why)}</td><td>${esc(o.noise)}</td></tr>`).join("")
        : `<tr><td colspan="6">none</td></tr>`);
