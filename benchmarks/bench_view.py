@@ -79,7 +79,8 @@ def page_load(context, tiled: TiledProcess, n: int, tmp: Path) -> dict:
             drawn_s = time.perf_counter() - t0
             info = page.evaluate("({pts: window.gisaxsView.points.seq_num.length, "
                                  "sampling: document.getElementById('sampling').innerText, "
-                                 "loadMs: window.gisaxsView.loadMs, serverMs: window.gisaxsView.serverMs})")
+                                 "loadMs: window.gisaxsView.loadMs, "
+                                 "serverMs: window.gisaxsView.serverMs})")
             out[label] = {"drawn_s": drawn_s, **info}
             page.close()
     finally:
@@ -118,8 +119,8 @@ def main() -> int:
                       f"{res.pop('write_s'):.1f} s):")
                 for label, r in res.items():
                     print(f"  {label}: {r['drawn_s']:.2f} s to drawn (fetch + draw "
-                          f"{r['loadMs'] / 1000:.2f} s, of which the server {r['serverMs'] / 1000:.2f} s); "
-                          f"{r['sampling']}")
+                          f"{r['loadMs'] / 1000:.2f} s, of which the server "
+                          f"{r['serverMs'] / 1000:.2f} s); {r['sampling']}")
                 context.close()
         finally:
             tiled.stop()

@@ -266,7 +266,7 @@ def build_view_app(state: ViewState | None = None) -> Any:
                 while True:
                     try:
                         event, data = await asyncio.wait_for(q.get(), timeout=10)
-                    except asyncio.TimeoutError:
+                    except TimeoutError:
                         if await request.is_disconnected():
                             break
                         yield ": keep-alive\n\n"

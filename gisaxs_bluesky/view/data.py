@@ -137,7 +137,8 @@ class RunRows:
         _, _, vt = np.linalg.svd(z - mean, full_matrices=False)
         comps = vt[:2]
         # a sign convention, so a refit does not mirror the map
-        comps = comps * np.where(comps[np.arange(2), np.abs(comps).argmax(axis=1)] < 0, -1, 1)[:, None]
+        biggest = comps[np.arange(2), np.abs(comps).argmax(axis=1)]
+        comps = comps * np.where(biggest < 0, -1, 1)[:, None]
         self._basis = (mean, comps)
         self._fit_n = len(self.df)
 
@@ -268,8 +269,8 @@ class RunRows:
     def summary(self) -> dict[str, Any]:
         """Everything but the points: bins, outliers, noise, counts."""
         n_bins = int(self.df["bin_id"].nunique()) if len(self.df) else 0
-        return {"n_frames": self.n_frames, "n_bins": n_bins, "n_outliers": int(self.df["is_outlier"].astype(bool)
-                                                             .sum()) if len(self.df) else 0,
+        n_out = int(self.df["is_outlier"].astype(bool).sum()) if len(self.df) else 0
+        return {"n_frames": self.n_frames, "n_bins": n_bins, "n_outliers": n_out,
                 "bins": self.bins(), "outliers": self.outliers(), "noise": self.noise()}
 
     def full(self, embedding: str = "pca") -> dict[str, Any]:

@@ -165,7 +165,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--qserver", default=os.environ.get("QSERVER_ZMQ_CONTROL_ADDRESS"),
                         help="RE manager 0MQ control address for accepted suggestions, "
                              "e.g. tcp://localhost:60615")
-    parser.add_argument("--plan", default="measure_suggestion", help="plan queued per accepted point")
+    parser.add_argument("--plan", default="measure_suggestion",
+                        help="plan queued per accepted point")
     parser.add_argument("--detectors", default="det", help="comma-separated device names")
     parser.add_argument("--auto-approve", type=int, default=None, metavar="POINTS",
                         help="accept up to POINTS suggestions per run without a person "

@@ -7,6 +7,8 @@ import secrets
 import time
 
 import pytest
+from conftest import free_port
+from view_helpers import write_suggestions
 
 from gisaxs_bluesky import cli
 from gisaxs_bluesky.qserver import (
@@ -16,9 +18,6 @@ from gisaxs_bluesky.qserver import (
     read_suggestions_with_ids,
     suggestion_id,
 )
-
-from conftest import free_port
-from view_helpers import write_suggestions
 
 
 def _raw_uid() -> str:

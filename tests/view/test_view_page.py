@@ -11,11 +11,10 @@ import time
 
 import httpx
 import pytest
+from view_helpers import derived_rows, open_derived, write_suggestions
 
 from gisaxs_bluesky.qserver import QueueBridge, read_decisions
 from gisaxs_bluesky.view import BackgroundServer, ViewState, build_view_app
-
-from view_helpers import derived_rows, open_derived, write_suggestions
 
 #: the latency the page states and the tests hold it to (issue 15: within 2 s of Tiled)
 LATENCY_S = 2.0

@@ -41,7 +41,8 @@ def write_suggestions(client, raw_uid: str, xs=(3.1, 7.9, 12.0)):
     from gisaxs_bluesky.adaptive import Suggestion, SuggestionWriter
 
     w = SuggestionWriter(client, raw_uid, ["sample_x"])
-    w.append(0, [Suggestion(position={"sample_x": x}, reason="refine_outlier", priority=2.0 - i / 10,
-                            source_seq_nums=(7 * (i + 1),)) for i, x in enumerate(xs)])
+    w.append(0, [Suggestion(position={"sample_x": x}, reason="refine_outlier",
+                            priority=2.0 - i / 10, source_seq_nums=(7 * (i + 1),))
+                 for i, x in enumerate(xs)])
     w.finish("complete")
     return w
