@@ -332,6 +332,12 @@ class QueueBridge:
         cols = {name: [record.get(name, "")] for name in _DECISION_SCHEMA.names}
         cols["time"] = [float(record["time"])]
         table.append_partition(0, pa.Table.from_pydict(cols, schema=_DECISION_SCHEMA))
+        # a metadata change is what Tiled streams to the parent's subscribers (open views)
+        try:
+            node.update_metadata(metadata={"decisions_updated": float(record["time"])})
+        except Exception as exc:  # noqa: BLE001 - the decision itself is stored
+            logger.warning("decision on %s stored; metadata bump failed: %s",
+                           record["suggestion_id"], exc)
 
     def resend_pending(self) -> int:
         """Send decisions kept locally to Tiled; returns how many went."""

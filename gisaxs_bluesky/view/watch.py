@@ -314,7 +314,7 @@ class Watcher:
         if self._root_exists():
             for key, node in self.client[self.root].items():
                 if key.endswith("-suggestions"):
-                    upd = node.metadata.get("updated")
+                    upd = (node.metadata.get("updated"), node.metadata.get("decisions_updated"))
                     if self._meta_seen.get(key) != upd:
                         self._meta_seen[key] = upd
                         self._emit("suggestions", {"raw_uid": node.metadata.get("raw_uid")})

@@ -147,7 +147,7 @@ class TiledProcess:
         _stop(self.proc)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def tiled_streaming(tmp_path_factory, redis_server):
     server = TiledProcess(tmp_path_factory.mktemp("tiled_stream"), redis_server.uri)
     yield server
@@ -198,7 +198,7 @@ class QueueServer:
         _stop(self.proc)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def qserver(tmp_path_factory, redis_server):
     server = QueueServer(tmp_path_factory.mktemp("qserver"), redis_server.port)
     yield server

@@ -99,8 +99,38 @@ def test_page_streams_rows_and_accepts_a_suggestion(tiled_streaming, qserver, br
     assert r.status_code == 409 and "already accepted by tester" in r.json()["error"]
     assert len(qserver.queue_items()) == 1
     assert len(read_decisions(client, raw_uid)) == 1
+
+    # a decision made elsewhere (the CLI, another process) reaches the open page
+    other = QueueBridge(tiled_streaming.client(), None, pending_path=tmp_path / "p2.jsonl")
+    second = other.suggestions(raw_uid)[1]["suggestion_id"]
+    other.reject(raw_uid, second, who="cli-user")
+    page.wait_for_function("document.querySelector('#suggestions').innerText"
+                           ".includes('rejected by cli-user')", timeout=10000)
     page.close()
     qserver.api.queue_clear()
+
+
+def test_catalog_served_with_the_view_mounted_in_its_tiled(tmp_path, browser):
+    """``view --catalog DIR`` / ``demo --view``: one server, Tiled at /api, the view at
+    /gisaxs/, streaming from Tiled's in-memory cache when writes go through that server."""
+    from tiled.catalog import from_uri
+
+    from gisaxs_bluesky.view import serve_catalog
+
+    from_uri(f"sqlite:///{tmp_path / 'catalog.db'}", init_if_not_exists=True)
+    served = serve_catalog(tmp_path, cache_uri="memory")
+    try:
+        assert served.state.watcher.mode == "streaming", served.state.watcher.mode_reason
+        writer = open_derived(served.client(), "raw-catalog", tmp_path / "backup")
+        writer.append(derived_rows(1, 11))
+        page = browser.new_page()
+        page.goto(served.view_url)
+        page.wait_for_function("window.gisaxsView.nFrames === 10", timeout=20000)
+        assert _new_rows_seen_within(page, writer, 11, 13) < LATENCY_S
+        assert httpx.get(f"{served.tiled_uri}/", timeout=10).status_code in (200, 401)
+        page.close()
+    finally:
+        served.stop()
 
 
 def test_page_polls_when_tiled_has_no_streaming(tiled_server, browser, tmp_path, view_server):
