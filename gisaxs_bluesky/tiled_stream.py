@@ -40,6 +40,16 @@ def _is_bluesky_run(specs: Any) -> bool:
                == "BlueskyRun" for s in specs or [])
 
 
+def _events_table(stream: Any) -> Any:
+    """TiledWriter's ``internal`` event table of a stream (a composite node hides it behind
+    its flattened columns: ``stream.base``), or None."""
+    base = getattr(stream, "base", stream)
+    try:
+        return base["internal"] if "internal" in base else None
+    except Exception:  # noqa: BLE001 - not a container of tables
+        return None
+
+
 class _Follow:
     """One run being binned: its writer and which seq_nums are done."""
 
@@ -178,7 +188,7 @@ class TiledStreamConsumer:
 
         self._callbacks.append(wake)
         targets = [(ContainerSubscription, [follow.uid], "child_created")]
-        if self.stream in run and "internal" in run[self.stream]:
+        if self.stream in run and _events_table(run[self.stream]) is not None:
             targets.append((TableSubscription, [follow.uid, self.stream, "internal"],
                             "new_data"))
         for cls, segments, registry in targets:
@@ -247,7 +257,7 @@ class TiledStreamConsumer:
                 self.errors.append(str(exc))
                 return None
         keys = set(stream)
-        if follow.image_key not in keys or ("internal" not in keys and "seq_num" not in keys):
+        if follow.image_key not in keys or "seq_num" not in keys:
             return self._maybe_finish(follow, run, available=0)
         if follow.writer is None:
             start = dict(run.metadata.get("start", {}))
@@ -278,8 +288,8 @@ class TiledStreamConsumer:
         races with the appends: the structure can be ahead of the rows)."""
         import pandas as pd
 
-        if "internal" in keys:
-            table = stream["internal"]
+        table = _events_table(stream)
+        if table is not None:
             cols = [c for c in ["seq_num", "time", *motors] if c in table.columns]
             df = table.read(columns=cols)
         else:
