@@ -256,6 +256,9 @@ class Watcher:
         while not self._stop.is_set():
             t0 = time.monotonic()
             try:
+                if not self._reachable():
+                    raise ConnectionError(f"Tiled at {self.client.context.api_uri} is "
+                                          "unreachable; retrying")
                 if self.mode == "streaming":
                     self._streaming_housekeeping()
                 else:
@@ -276,6 +279,21 @@ class Watcher:
             spent = time.monotonic() - t0
             self._stop.wait(max(self.poll_interval_s - spent, 0.05) if self.mode == "polling"
                             else 1.0)
+
+    def _reachable(self) -> bool:
+        """One quick request (the Tiled client retries a dead server for long)."""
+        import httpx
+
+        ctx = self.client.context
+        kwargs = {} if type(ctx.http_client).__name__ == "TestClient" else {"timeout": 2.0}
+        for _ in range(2):  # a pooled connection to a restarted server fails once
+            try:
+                return ctx.http_client.get(ctx.api_uri, **kwargs).status_code < 500
+            except httpx.TransportError:
+                continue
+            except httpx.HTTPError:
+                return False
+        return False
 
     def _streaming_housekeeping(self) -> None:
         """Subscriptions that could not be made yet (root or table did not exist)."""

@@ -151,6 +151,15 @@ def test_page_polls_when_tiled_has_no_streaming(tiled_server, browser, tmp_path,
     assert latency < LATENCY_S, f"rows drawn {latency:.2f} s after reaching Tiled"
     # no suggestions node yet: said so, nothing to accept
     assert "no suggestions" in page.inner_text("#suggestions")
+
+    # Tiled goes away: the page says so; it comes back: the message goes, rows flow again
+    tiled_server.stop()
+    page.wait_for_function("document.getElementById('banner').innerText"
+                           ".includes('unreachable')", timeout=20000)
+    tiled_server.start()
+    page.wait_for_selector("#banner", state="hidden", timeout=20000)
+    writer = open_derived(tiled_server.client(), "raw-poll", tmp_path / "backup")
+    assert _new_rows_seen_within(page, writer, 24, 26) < LATENCY_S
     page.close()
 
 
