@@ -84,6 +84,7 @@ class TiledStreamConsumer:
         mode: str = "auto",
         poll_interval_s: float = 1.0,
         existing: bool = False,
+        derived_client: Any = None,
     ) -> None:
         from .models import make_binner
         from .pipeline import BinningPipeline
@@ -101,7 +102,8 @@ class TiledStreamConsumer:
         self.poll_interval_s = float(poll_interval_s)
         self.pipeline = BinningPipeline(encoder, binner or make_binner(encoder),
                                         batch_size=batch_size)
-        self.store = DerivedStore(client, root=root, backup_dir=backup_dir)
+        # runs are read from ``client``; derived nodes go to ``derived_client`` (default: same)
+        self.store = DerivedStore(derived_client or client, root=root, backup_dir=backup_dir)
         self.follows: dict[str, _Follow] = {}
         self.runs_done: list[tuple[str, str]] = []
         self.errors: list[str] = []
@@ -372,14 +374,12 @@ def run(args: argparse.Namespace) -> int:
     api_key = args.api_key or os.environ.get("TILED_API_KEY")
     try:
         client = connect(args.tiled_stream, api_key)
-        target = connect(args.tiled_uri, api_key) if args.tiled_uri else client
+        target = connect(args.tiled_uri, api_key) if args.tiled_uri else None
         consumer = TiledStreamConsumer(
-            client if target is client else target, load_model(args.model, args.device),
+            client, load_model(args.model, args.device), derived_client=target,
             root=args.root, stream=args.stream or "primary", image_key=args.image_key,
             batch_size=args.batch_size, backup_dir=args.backup_dir, mode=args.mode,
             existing=args.existing)
-        if target is not client:
-            consumer.client = client  # runs read here, derived data written to --tiled-uri
         consumer.start()
     except Exception as exc:  # noqa: BLE001 - unreachable Tiled, bad key, missing weights
         print(f"error: {exc}", file=sys.stderr)

@@ -188,6 +188,8 @@ def build_view_app(state: ViewState | None = None) -> Any:
             return fail(404, str(exc.args[0]) if exc.args else f"no run {key!r}")
         except Exception as exc:  # noqa: BLE001
             return fail(503, f"cannot read run {key!r} from Tiled: {type(exc).__name__}: {exc}")
+        if s.bridge.auto_budget is not None:  # undecided suggestions from before the view
+            s._auto_approve("suggestions", {"raw_uid": rows.metadata.get("raw_uid")})
         t0 = time.perf_counter()
         payload = rows.full(embedding=embedding)
         payload["server_ms"] = round(1000 * (time.perf_counter() - t0), 1)
