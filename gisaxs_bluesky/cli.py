@@ -19,7 +19,11 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": ("gisaxs_bluesky.models.train", "train the denoising autoencoder"),
     "evaluate": ("gisaxs_bluesky.models.evaluate", "metrics on held-out simulation or real frames"),
     "replay": ("gisaxs_bluesky.replay", "re-bin catalogued runs with a model"),
-    "serve": ("gisaxs_bluesky.serve", "run the callback on documents from a 0MQ proxy"),
+    "serve": ("gisaxs_bluesky.tiled_stream",
+              "run the callback on documents from a 0MQ proxy or on runs streamed by Tiled"),
+    "view": ("gisaxs_bluesky.view.server", "live web page of the bins, outliers, suggestions"),
+    "suggestions": ("gisaxs_bluesky.qserver",
+                    "list / accept / reject suggestions (accepted -> Queue Server plan)"),
 }
 
 

@@ -36,6 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dose", type=float, default=10.0, help="counts per pixel scale")
     parser.add_argument("--seed", type=int, default=0, help="noise seed")
     parser.add_argument("--device", default="auto", help="torch device (auto, cpu, cuda)")
+    parser.add_argument("--view", action="store_true",
+                        help="serve the live view during and after the scan (until Ctrl-C)")
+    parser.add_argument("--view-port", type=int, default=8765, help="port of the live view")
 
 
 def local_tiled_client(directory: Path) -> Any:
@@ -90,10 +93,25 @@ def run(args: argparse.Namespace) -> int:
     workdir = Path(args.workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    view = None
     if args.tiled_uri:
         from tiled.client import from_uri
 
         client = from_uri(args.tiled_uri, api_key=args.api_key)
+        if args.view:
+            view = _start_view(client, args)
+    elif args.view:
+        # the catalog served over HTTP (streaming cache in memory), the view mounted in it
+        from tiled.catalog import from_uri as catalog_from_uri
+
+        from .view import serve_catalog
+
+        (workdir / "catalog").mkdir(parents=True, exist_ok=True)
+        catalog_from_uri(f"sqlite:///{workdir / 'catalog' / 'catalog.db'}",
+                         init_if_not_exists=True)
+        view = serve_catalog(workdir / "catalog", port=args.view_port, cache_uri="memory")
+        client = view.client()
+        print(f"live view: {view.view_url}  (open it now to watch the scan)", flush=True)
     else:
         client = local_tiled_client(workdir / "catalog")
     encoder, trained = _encoder(args.device)
@@ -144,7 +162,35 @@ def run(args: argparse.Namespace) -> int:
     report = make_report(workdir, client, uid, ds, scene, bins, outliers, code, trained,
                          identity_dim=encoder.identity_dim, suggestions=suggestions)
     print(f"\nreport: {report}  (total {time.perf_counter() - t0:.1f} s)")
+    if view is None:
+        where = (f"--tiled-uri {args.tiled_uri}" + (" --api-key KEY" if args.api_key else "")
+                 if args.tiled_uri else f"--catalog {workdir / 'catalog'}")
+        print(f"\nlive view of this catalog: gisaxs-bluesky view {where}")
+        return 0
+    from .view.server import _wait_for_ctrl_c
+
+    url = getattr(view, "view_url", None) or view.url
+    print(f"\nlive view still serving at {url}  (Ctrl-C stops)", flush=True)
+    _wait_for_ctrl_c(threading.Event())
+    view.stop()
     return 0
+
+
+def _start_view(client: Any, args: argparse.Namespace) -> Any:
+    """The view beside a remote Tiled (``--tiled-uri``), for ``--view``."""
+    from .view import BackgroundServer, ViewState, build_view_app
+
+    state = ViewState(client, tiled_label=args.tiled_uri.split("?")[0])
+    server = BackgroundServer(build_view_app(state), "127.0.0.1", args.view_port).start()
+    original_stop = server.stop
+
+    def stop() -> None:
+        state.close()
+        original_stop()
+
+    server.stop = stop
+    print(f"live view: {server.url}/  (open it now to watch the scan)", flush=True)
+    return server
 
 
 def _suggest(client: Any, uid: str, ds: Any, scene: Any, workdir: Path,

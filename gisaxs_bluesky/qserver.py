@@ -1,0 +1,477 @@
+"""Accepted suggestions become plans in the bluesky Queue Server; decisions go to Tiled.
+
+A suggestion (a row of ``/gisaxs_derived/<raw_uid>-suggestions/suggestions``, see
+:mod:`gisaxs_bluesky.adaptive.tiled_io`) is identified by :func:`suggestion_id`, a hash of its
+round, reason and position, so the id survives re-reads in any order. Accepting one adds a plan
+to the Queue Server queue (:func:`~gisaxs_bluesky.qserver_plans.measure_suggestion` of the
+configured detectors at the suggested motor position by default) whose ``md`` carries
+``gisaxs_suggestion_id``, ``gisaxs_raw_uid`` and ``gisaxs_reason``; rejecting one queues
+nothing. Either way the decision (who, when, accepted/rejected, queue item uid) is appended to
+the ``decisions`` table of the same suggestions node. Nothing is queued without a decision
+unless auto-approval is switched on with a point budget per raw run
+(:meth:`QueueBridge.auto_approve`).
+
+Safety: a suggestion is decided once. Before queueing, the decisions in Tiled, the decisions
+kept locally (Tiled unreachable at the time) and the Queue Server's queue, running item and
+history are checked for the id; a second accept raises :class:`DecisionError` naming the first
+one and queues nothing. A decision that cannot reach Tiled after its plan was queued is kept in
+a local JSON-lines file and re-sent by the next call, so nothing is lost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import hashlib
+import json
+import logging
+import os
+import sys
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+
+from .adaptive.tiled_io import suggestions_key
+
+__all__ = [
+    "DECISIONS_TABLE",
+    "DecisionError",
+    "QueueBridge",
+    "suggestion_id",
+    "read_suggestions_with_ids",
+    "read_decisions",
+    "add_arguments",
+    "run",
+]
+
+logger = logging.getLogger(__name__)
+
+DECISIONS_TABLE = "decisions"
+MD_ID, MD_RAW_UID, MD_REASON = "gisaxs_suggestion_id", "gisaxs_raw_uid", "gisaxs_reason"
+_DECISION_SCHEMA = pa.schema([
+    ("suggestion_id", pa.string()), ("decision", pa.string()), ("who", pa.string()),
+    ("time", pa.float64()), ("reason", pa.string()), ("position", pa.string()),
+    ("item_uid", pa.string()), ("note", pa.string()),
+])
+
+
+class DecisionError(RuntimeError):
+    """A decision that cannot be made (already decided, unknown id, a server unreachable)."""
+
+
+def _default_pending_path() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "gisaxs_bluesky" / "decisions_pending.jsonl"
+
+
+def suggestion_id(round_: int, reason: str, position: Mapping[str, float]) -> str:
+    """Stable id of a suggestion: ``s`` + 10 hex digits of its round, reason and position."""
+    text = json.dumps([int(round_), str(reason),
+                       sorted((str(k), round(float(v), 6)) for k, v in position.items())])
+    return "s" + hashlib.sha1(text.encode()).hexdigest()[:10]
+
+
+def _suggestions_node(client: Any, raw_uid: str, root: str) -> Any:
+    key = suggestions_key(raw_uid)
+    if root not in client or key not in client[root]:
+        raise DecisionError(f"raw run {raw_uid!r} has no suggestions in Tiled "
+                            f"(no node /{root}/{key})")
+    return client[root][key]
+
+
+def read_suggestions_with_ids(client: Any, raw_uid: str, *,
+                              root: str = "gisaxs_derived") -> pd.DataFrame:
+    """Suggestions of a raw run with ``suggestion_id`` and ``position`` (dict) columns."""
+    node = _suggestions_node(client, raw_uid, root)
+    motors = [str(m) for m in node.metadata.get("motors", [])]
+    if "suggestions" not in node:
+        df = pd.DataFrame(columns=["round", "reason", "priority", "seq_num", *motors])
+    else:
+        df = node["suggestions"].read()
+    df = df.sort_values(["round", "priority"], ascending=[True, False]).reset_index(drop=True)
+    positions = [{m: float(r[m]) for m in motors} for _, r in df.iterrows()]
+    ids, seen = [], {}
+    for (_, r), pos in zip(df.iterrows(), positions, strict=True):
+        base = suggestion_id(int(r["round"]), str(r["reason"]), pos)
+        seen[base] = seen.get(base, 0) + 1
+        ids.append(base if seen[base] == 1 else f"{base}-{seen[base]}")  # identical rows
+    df["suggestion_id"] = ids
+    df["position"] = positions
+    df.attrs.update(dict(node.metadata))
+    return df
+
+
+def read_decisions(client: Any, raw_uid: str, *, root: str = "gisaxs_derived") -> pd.DataFrame:
+    """Decisions stored beside a raw run's suggestions (empty frame when none yet)."""
+    node = _suggestions_node(client, raw_uid, root)
+    if DECISIONS_TABLE not in node:
+        return pd.DataFrame(columns=_DECISION_SCHEMA.names)
+    return node[DECISIONS_TABLE].read().sort_values("time").reset_index(drop=True)
+
+
+class QueueBridge:
+    """Turns decisions on suggestions into Queue Server plans and Tiled rows.
+
+    Parameters
+    ----------
+    client: Tiled client (root container) holding the suggestions.
+    qserver: a ``bluesky_queueserver_api`` REManagerAPI, or the RE manager's 0MQ control
+        address (``tcp://host:60615``); None when only rejections are recorded.
+    plan: plan name added to the queue, called as ``plan(detectors, motors, positions, md=...)``
+        (:func:`gisaxs_bluesky.qserver_plans.measure_suggestion` by default).
+    detectors: device names passed as the plan's first argument.
+    auto_budget: points per raw run accepted without a person (None: never).
+    """
+
+    def __init__(
+        self,
+        client: Any,
+        qserver: Any = None,
+        *,
+        root: str = "gisaxs_derived",
+        plan: str = "measure_suggestion",
+        detectors: Sequence[str] = ("det",),
+        auto_budget: int | None = None,
+        pending_path: str | Path | None = None,
+        timeout_s: float = 5.0,
+    ) -> None:
+        if auto_budget is not None and int(auto_budget) < 0:
+            raise ValueError(f"auto_budget={auto_budget} must be >= 0 or None")
+        self.client = client
+        self.root = root
+        self.plan = plan
+        self.detectors = [str(d) for d in detectors]
+        self.auto_budget = None if auto_budget is None else int(auto_budget)
+        self.pending_path = Path(pending_path) if pending_path else _default_pending_path()
+        self.timeout_s = float(timeout_s)
+        self._lock = threading.Lock()
+        if isinstance(qserver, str):
+            from bluesky_queueserver_api.zmq import REManagerAPI
+
+            self.qserver_address = qserver
+            qserver = REManagerAPI(zmq_control_addr=qserver, timeout_recv=self.timeout_s,
+                                   timeout_send=self.timeout_s)
+        else:
+            self.qserver_address = getattr(qserver, "_zmq_control_addr", None) or (
+                "(none)" if qserver is None else repr(qserver))
+        self.api = qserver
+
+    # -- reading ------------------------------------------------------------------------
+    def suggestions(self, raw_uid: str) -> list[dict[str, Any]]:
+        """Suggestions of a raw run with their decision (None when undecided)."""
+        self.resend_pending()
+        df = read_suggestions_with_ids(self.client, raw_uid, root=self.root)
+        decided = self._decided(raw_uid)
+        out = []
+        for _, r in df.iterrows():
+            d = decided.get(r["suggestion_id"])
+            out.append({
+                "suggestion_id": r["suggestion_id"], "round": int(r["round"]),
+                "reason": str(r["reason"]), "priority": round(float(r["priority"]), 3),
+                "position": {k: round(v, 4) for k, v in r["position"].items()},
+                "measured_seq_num": int(r["seq_num"]),
+                "decision": None if d is None else {
+                    k: d[k] for k in ("decision", "who", "time", "item_uid", "note")},
+            })
+        return out
+
+    def _decided(self, raw_uid: str) -> dict[str, dict[str, Any]]:
+        """suggestion_id -> first decision, from Tiled and the local pending file."""
+        out: dict[str, dict[str, Any]] = {}
+        for rec in [*read_decisions(self.client, raw_uid, root=self.root)
+                    .to_dict("records"), *self._pending(raw_uid)]:
+            out.setdefault(str(rec["suggestion_id"]), rec)
+        return out
+
+    def _pending(self, raw_uid: str | None = None) -> list[dict[str, Any]]:
+        if not self.pending_path.exists():
+            return []
+        recs = [json.loads(line) for line in self.pending_path.read_text().splitlines()
+                if line.strip()]
+        return [r for r in recs if raw_uid is None or r["raw_uid"] == raw_uid]
+
+    def tiled_reachable(self) -> bool:
+        """One quick request (the Tiled client itself retries a dead server for long)."""
+        import httpx
+
+        ctx = self.client.context
+        kwargs = {} if type(ctx.http_client).__name__ == "TestClient" else {"timeout": 2.0}
+        for _ in range(2):  # a pooled connection to a restarted server fails once
+            try:
+                return ctx.http_client.get(ctx.api_uri, **kwargs).status_code < 500
+            except httpx.TransportError:
+                continue
+            except httpx.HTTPError:
+                return False
+        return False
+
+    # -- queue ---------------------------------------------------------------------------
+    def _require_api(self) -> Any:
+        if self.api is None:
+            raise DecisionError("no Queue Server configured: pass --qserver tcp://HOST:60615 "
+                                "(the RE manager's 0MQ control address)")
+        return self.api
+
+    def _queued_item(self, sid: str) -> dict[str, Any] | None:
+        """The queue/running/history item carrying suggestion ``sid``, if any."""
+        api = self._require_api()
+        try:
+            q = api.queue_get()
+            h = api.history_get()
+        except Exception as exc:  # noqa: BLE001 - timeouts, refused connections
+            raise DecisionError(f"Queue Server at {self.qserver_address} did not answer "
+                                f"({type(exc).__name__}: {exc}); nothing was queued") from exc
+        items = [*q.get("items", []), *([q["running_item"]] if q.get("running_item") else []),
+                 *h.get("items", [])]
+        for item in items:
+            md = (item.get("kwargs") or {}).get("md") or {}
+            if md.get(MD_ID) == sid:
+                return item
+        return None
+
+    def plan_item(self, raw_uid: str, suggestion: Mapping[str, Any]) -> Any:
+        """The BPlan for a suggestion: ``plan(detectors, motors, positions, md=tags)``."""
+        from bluesky_queueserver_api import BPlan
+
+        motors = list(suggestion["position"])
+        args = [list(self.detectors), motors, [float(suggestion["position"][m]) for m in motors]]
+        md = {MD_ID: suggestion["suggestion_id"], MD_RAW_UID: raw_uid,
+              MD_REASON: suggestion["reason"], "gisaxs_priority": suggestion["priority"]}
+        return BPlan(self.plan, *args, md=md)
+
+    # -- deciding ------------------------------------------------------------------------
+    def accept(self, raw_uid: str, sid: str, *, who: str | None = None,
+               note: str = "") -> dict[str, Any]:
+        """Queue the suggestion's plan and record the decision; DecisionError if impossible."""
+        return self.decide(raw_uid, sid, accept=True, who=who, note=note)
+
+    def reject(self, raw_uid: str, sid: str, *, who: str | None = None,
+               note: str = "") -> dict[str, Any]:
+        """Record a rejection (nothing is queued)."""
+        return self.decide(raw_uid, sid, accept=False, who=who, note=note)
+
+    def decide(self, raw_uid: str, sid: str, *, accept: bool, who: str | None = None,
+               note: str = "") -> dict[str, Any]:
+        """One decision on suggestion ``sid`` of ``raw_uid``; returns the stored record."""
+        who = who or _default_user()
+        with self._lock:
+            if not self.tiled_reachable():
+                raise DecisionError(f"Tiled at {self.client.context.api_uri} is unreachable; "
+                                    "nothing was queued")
+            self.resend_pending()
+            try:
+                table = {s["suggestion_id"]: s for s in self.suggestions(raw_uid)}
+            except DecisionError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - Tiled down, wrong key
+                raise DecisionError(f"cannot read the suggestions of {raw_uid!r} from Tiled "
+                                    f"({type(exc).__name__}: {exc}); nothing was queued") from exc
+            if sid not in table:
+                raise DecisionError(f"no suggestion {sid!r} for raw run {raw_uid!r} "
+                                    f"(known: {', '.join(list(table)[:8]) or 'none'})")
+            sug = table[sid]
+            if sug["decision"] is not None:
+                d = sug["decision"]
+                raise DecisionError(
+                    f"suggestion {sid} was already {d['decision']} by {d['who']} at "
+                    f"{_when(d['time'])}" + (f" (queue item {d['item_uid']})"
+                                             if d.get("item_uid") else "")
+                    + "; nothing was queued")
+            record = {"raw_uid": raw_uid, "suggestion_id": sid, "who": str(who),
+                      "time": time.time(), "reason": sug["reason"],
+                      "position": json.dumps(sug["position"]), "item_uid": "", "note": note}
+            if accept:
+                existing = self._queued_item(sid)
+                if existing is not None:  # queued before, its decision never reached Tiled
+                    record.update(decision="accepted", item_uid=existing.get("item_uid", ""),
+                                  who=existing.get("user", who),
+                                  note="recovered from the Queue Server")
+                    self._store(record)
+                    raise DecisionError(
+                        f"suggestion {sid} is already in the Queue Server as item "
+                        f"{existing.get('item_uid')}; its decision is now recorded; "
+                        "nothing was queued twice")
+                item = self.plan_item(raw_uid, sug)
+                try:
+                    resp = self.api.item_add(item, user=str(who))
+                except Exception as exc:  # noqa: BLE001 - refused plan, timeouts
+                    raise DecisionError(f"Queue Server at {self.qserver_address} refused or "
+                                        f"did not answer ({type(exc).__name__}: {exc}); "
+                                        "nothing was queued") from exc
+                record.update(decision="accepted",
+                              item_uid=str((resp.get("item") or {}).get("item_uid", "")))
+            else:
+                record["decision"] = "rejected"
+            record["stored"] = self._store(record)
+            return record
+
+    def _store(self, record: Mapping[str, Any]) -> str:
+        """Append a decision to Tiled; kept locally (and re-sent later) if Tiled fails."""
+        try:
+            if not self.tiled_reachable():
+                raise ConnectionError("Tiled unreachable")
+            self._append(record)
+            return "tiled"
+        except Exception as exc:  # noqa: BLE001 - keep it, never lose a decision
+            self.pending_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.pending_path, "a") as f:
+                f.write(json.dumps(dict(record)) + "\n")
+            logger.warning("decision on %s kept in %s (Tiled: %s)", record["suggestion_id"],
+                           self.pending_path, exc)
+            return f"local file {self.pending_path} (Tiled: {type(exc).__name__}: {exc})"
+
+    def _append(self, record: Mapping[str, Any]) -> None:
+        node = _suggestions_node(self.client, str(record["raw_uid"]), self.root)
+        table = (node[DECISIONS_TABLE] if DECISIONS_TABLE in node
+                 else node.create_appendable_table(_DECISION_SCHEMA, key=DECISIONS_TABLE))
+        cols = {name: [record.get(name, "")] for name in _DECISION_SCHEMA.names}
+        cols["time"] = [float(record["time"])]
+        table.append_partition(0, pa.Table.from_pydict(cols, schema=_DECISION_SCHEMA))
+        # a metadata change is what Tiled streams to the parent's subscribers (open views)
+        try:
+            node.update_metadata(metadata={"decisions_updated": float(record["time"])})
+        except Exception as exc:  # noqa: BLE001 - the decision itself is stored
+            logger.warning("decision on %s stored; metadata bump failed: %s",
+                           record["suggestion_id"], exc)
+
+    def resend_pending(self) -> int:
+        """Send decisions kept locally to Tiled; returns how many went."""
+        recs = self._pending()
+        if not recs or not self.tiled_reachable():
+            return 0
+        left, sent = [], 0
+        for rec in recs:
+            try:
+                node = _suggestions_node(self.client, rec["raw_uid"], self.root)
+                done = (DECISIONS_TABLE in node and rec["suggestion_id"] in set(
+                    node[DECISIONS_TABLE].read(columns=["suggestion_id"])["suggestion_id"]))
+                if not done:
+                    self._append(rec)
+                sent += 1
+            except Exception:  # noqa: BLE001 - still unreachable: keep it
+                left.append(rec)
+        tmp = self.pending_path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in left))
+        os.replace(tmp, self.pending_path)
+        return sent
+
+    def auto_approve(self, raw_uid: str) -> list[dict[str, Any]]:
+        """Accept undecided suggestions (highest priority first) within the point budget."""
+        if self.auto_budget is None:
+            return []
+        sugs = self.suggestions(raw_uid)
+        used = sum(1 for s in sugs if s["decision"] and s["decision"]["decision"] == "accepted"
+                   and str(s["decision"]["who"]).startswith("auto-approval"))
+        todo = sorted((s for s in sugs if s["decision"] is None and s["measured_seq_num"] < 0),
+                      key=lambda s: -s["priority"])[: max(self.auto_budget - used, 0)]
+        out = []
+        for s in todo:
+            try:
+                out.append(self.accept(raw_uid, s["suggestion_id"],
+                                       who=f"auto-approval (budget {self.auto_budget})"))
+            except DecisionError as exc:
+                logger.warning("auto-approval of %s: %s", s["suggestion_id"], exc)
+        return out
+
+
+def _default_user() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:  # noqa: BLE001
+        return "unknown"
+
+
+def _when(t: Any) -> str:
+    try:
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(t)))
+    except (TypeError, ValueError):
+        return str(t)
+
+
+# ----------------------------------------------------------------------------------- CLI
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``gisaxs-bluesky suggestions {list,accept,reject,auto} RAW_UID [ID ...]``."""
+    parser.add_argument("action", choices=["list", "accept", "reject", "auto"])
+    parser.add_argument("raw_uid", help="uid of the raw run the suggestions belong to")
+    parser.add_argument("ids", nargs="*", help="suggestion ids (accept/reject)")
+    parser.add_argument("--tiled-uri", default=None,
+                        help="Tiled server (default env GISAXS_TILED_URI)")
+    parser.add_argument("--api-key", default=None, help="Tiled API key (default env "
+                        "TILED_API_KEY)")
+    parser.add_argument("--catalog", type=Path, default=None,
+                        help="a local catalog directory (e.g. demo_output/catalog) instead")
+    parser.add_argument("--qserver", default=os.environ.get("QSERVER_ZMQ_CONTROL_ADDRESS"),
+                        help="RE manager 0MQ control address, e.g. tcp://localhost:60615")
+    parser.add_argument("--plan", default="measure_suggestion")
+    parser.add_argument("--detectors", default="det", help="comma-separated device names")
+    parser.add_argument("--who", default=None, help="who decides (default: login name)")
+    parser.add_argument("--note", default="")
+    parser.add_argument("--budget", type=int, default=None,
+                        help="auto: points accepted without a person for this run")
+    parser.add_argument("--root", default="gisaxs_derived")
+
+
+def connect_client(args: argparse.Namespace) -> Any:
+    """Tiled client from --catalog or --tiled-uri/--api-key (ReplayError/ValueError if bad)."""
+    if getattr(args, "catalog", None):
+        from .demo import local_tiled_client
+
+        if not (Path(args.catalog) / "catalog.db").is_file():
+            raise ValueError(f"--catalog {args.catalog}: no catalog.db there")
+        return local_tiled_client(Path(args.catalog))
+    from .replay import connect
+
+    uri = args.tiled_uri or os.environ.get("GISAXS_TILED_URI")
+    if not uri:
+        raise ValueError("no Tiled URI: pass --tiled-uri, --catalog or set GISAXS_TILED_URI")
+    return connect(uri, args.api_key or os.environ.get("TILED_API_KEY"))
+
+
+def run(args: argparse.Namespace) -> int:
+    """``gisaxs-bluesky suggestions``: 0 on success, 1 when a decision failed, 2 on setup."""
+    try:
+        client = connect_client(args)
+        bridge = QueueBridge(client, args.qserver, root=args.root, plan=args.plan,
+                             detectors=args.detectors.split(","), auto_budget=args.budget)
+    except Exception as exc:  # noqa: BLE001 - unreachable Tiled, bad key, bad address
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    failed = 0
+    try:
+        if args.action == "list":
+            for s in bridge.suggestions(args.raw_uid):
+                d = s["decision"]
+                state = "undecided" if d is None else f"{d['decision']} by {d['who']}"
+                pos = ", ".join(f"{k}={v:g}" for k, v in s["position"].items())
+                print(f"{s['suggestion_id']}  round {s['round']}  {pos:<20}  "
+                      f"{s['reason']:<24} priority {s['priority']:.2f}  {state}")
+            return 0
+        if args.action == "auto":
+            if args.budget is None:
+                print("error: auto needs --budget N", file=sys.stderr)
+                return 2
+            for rec in bridge.auto_approve(args.raw_uid):
+                print(f"accepted {rec['suggestion_id']} -> queue item {rec['item_uid']}")
+            return 0
+        if not args.ids:
+            print(f"error: {args.action} needs suggestion ids (see `list`)", file=sys.stderr)
+            return 2
+        for sid in args.ids:
+            try:
+                rec = bridge.decide(args.raw_uid, sid, accept=args.action == "accept",
+                                    who=args.who, note=args.note)
+                item = f" -> queue item {rec['item_uid']}" if rec["item_uid"] else ""
+                print(f"{rec['decision']} {sid}{item}; decision stored in {rec['stored']}")
+            except DecisionError as exc:
+                failed += 1
+                print(f"error: {exc}", file=sys.stderr)
+    except DecisionError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 1 if failed else 0
+
