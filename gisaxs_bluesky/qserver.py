@@ -37,6 +37,7 @@ import pandas as pd
 import pyarrow as pa
 
 from .adaptive.tiled_io import suggestions_key
+from .runtime import DEFAULT_ROOT
 
 __all__ = [
     "DECISIONS_TABLE",
@@ -85,7 +86,7 @@ def _suggestions_node(client: Any, raw_uid: str, root: str) -> Any:
 
 
 def read_suggestions_with_ids(client: Any, raw_uid: str, *,
-                              root: str = "gisaxs_derived") -> pd.DataFrame:
+                              root: str = DEFAULT_ROOT) -> pd.DataFrame:
     """Suggestions of a raw run with ``suggestion_id`` and ``position`` (dict) columns."""
     node = _suggestions_node(client, raw_uid, root)
     motors = [str(m) for m in node.metadata.get("motors", [])]
@@ -106,7 +107,7 @@ def read_suggestions_with_ids(client: Any, raw_uid: str, *,
     return df
 
 
-def read_decisions(client: Any, raw_uid: str, *, root: str = "gisaxs_derived") -> pd.DataFrame:
+def read_decisions(client: Any, raw_uid: str, *, root: str = DEFAULT_ROOT) -> pd.DataFrame:
     """Decisions stored beside a raw run's suggestions (empty frame when none yet)."""
     node = _suggestions_node(client, raw_uid, root)
     if DECISIONS_TABLE not in node:
@@ -133,7 +134,7 @@ class QueueBridge:
         client: Any,
         qserver: Any = None,
         *,
-        root: str = "gisaxs_derived",
+        root: str = DEFAULT_ROOT,
         plan: str = "measure_suggestion",
         detectors: Sequence[str] = ("det",),
         auto_budget: int | None = None,
@@ -413,7 +414,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--note", default="")
     parser.add_argument("--budget", type=int, default=None,
                         help="auto: points accepted without a person for this run")
-    parser.add_argument("--root", default="gisaxs_derived")
+    parser.add_argument("--root", default=DEFAULT_ROOT)
 
 
 def connect_client(args: argparse.Namespace) -> Any:

@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from .runtime import DEFAULT_ROOT, RuntimeConfig
+
 __all__ = ["TiledStreamConsumer", "add_arguments", "run"]
 
 logger = logging.getLogger(__name__)
@@ -76,10 +78,10 @@ class TiledStreamConsumer:
         encoder: Any,
         *,
         binner: Any = None,
-        root: str = "gisaxs_derived",
+        root: str = DEFAULT_ROOT,
         stream: str = "primary",
         image_key: str | None = None,
-        batch_size: int = 16,
+        batch_size: int = RuntimeConfig.batch_size,
         backup_dir: Any = None,
         mode: str = "auto",
         poll_interval_s: float = 1.0,
@@ -372,13 +374,14 @@ def run(args: argparse.Namespace) -> int:
     from .replay import connect, load_model
 
     api_key = args.api_key or os.environ.get("TILED_API_KEY")
+    config = RuntimeConfig.from_args(args)
     try:
         client = connect(args.tiled_stream, api_key)
         target = connect(args.tiled_uri, api_key) if args.tiled_uri else None
         consumer = TiledStreamConsumer(
             client, load_model(args.model, args.device), derived_client=target,
-            root=args.root, stream=args.stream or "primary", image_key=args.image_key,
-            batch_size=args.batch_size, backup_dir=args.backup_dir, mode=args.mode,
+            root=config.root, stream=args.stream or "primary", image_key=args.image_key,
+            batch_size=config.batch_size, backup_dir=config.backup_dir, mode=args.mode,
             existing=args.existing)
         consumer.start()
     except Exception as exc:  # noqa: BLE001 - unreachable Tiled, bad key, missing weights
@@ -389,7 +392,7 @@ def run(args: argparse.Namespace) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
     print(f"following new runs in {args.tiled_stream.split('?')[0]} ({consumer.mode}: "
-          f"{consumer.mode_reason}); derived data -> /{args.root}", file=sys.stderr, flush=True)
+          f"{consumer.mode_reason}); derived data -> /{config.root}", file=sys.stderr, flush=True)
     try:
         while not stop.wait(0.5):
             pass

@@ -22,6 +22,7 @@ import numpy as np
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, StreamingResponse
 
+from ..runtime import DEFAULT_ROOT
 from .data import ViewConfig, frame_preview, umap_available
 from .watch import Watcher
 
@@ -58,7 +59,7 @@ def _clean(obj: Any) -> Any:
 class ViewState:
     """What one view serves: a Tiled client, its Watcher, the Queue Server bridge."""
 
-    def __init__(self, client: Any, *, bridge: Any = None, root: str = "gisaxs_derived",
+    def __init__(self, client: Any, *, bridge: Any = None, root: str = DEFAULT_ROOT,
                  mode: str = "auto", poll_interval_s: float = 0.5,
                  config: ViewConfig | None = None, tiled_label: str = "") -> None:
         from ..qserver import QueueBridge

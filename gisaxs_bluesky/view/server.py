@@ -21,6 +21,7 @@ from typing import Any
 
 import uvicorn
 
+from ..runtime import DEFAULT_ROOT
 from .app import ViewState, build_view_app, mount_view
 from .data import ViewConfig
 
@@ -155,7 +156,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "TILED_API_KEY)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8765)
-    parser.add_argument("--root", default="gisaxs_derived")
+    parser.add_argument("--root", default=DEFAULT_ROOT)
     parser.add_argument("--mode", choices=["auto", "streaming", "polling"], default="auto",
                         help="how updates are followed (auto: streaming when Tiled offers it)")
     parser.add_argument("--poll-interval", type=float, default=0.5, help="seconds (polling)")

@@ -20,6 +20,7 @@ from typing import Any
 import pandas as pd
 
 from ..adaptive.tiled_io import SUGGESTIONS_SPEC
+from ..runtime import DEFAULT_ROOT
 from ..store import DERIVED_SPEC, TABLE_KEY
 from .data import RunRows, ViewConfig, run_summary
 
@@ -68,7 +69,7 @@ class Watcher:
         self,
         client: Any,
         *,
-        root: str = "gisaxs_derived",
+        root: str = DEFAULT_ROOT,
         mode: str = "auto",
         poll_interval_s: float = 0.5,
         config: ViewConfig | None = None,
