@@ -12,10 +12,10 @@ from .live import DerivedCallbackResults, LiveEncoder, ResultsSource
 from .optimizer import DAEOptimizer, LiveEvaluation
 from .plans import Suggester, adaptive_scan
 from .plot import plot_suggestions
+from .results import ScanResults
 from .scenes import defect_scene, exposure_frame_fn
 from .suggest import (
     REASONS,
-    ScanResults,
     SuggestConfig,
     Suggestion,
     check_limits,

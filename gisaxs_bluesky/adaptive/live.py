@@ -26,7 +26,7 @@ from event_model import RunRouter
 from ..frames import FrameReaders, FrameRef, RunFrames, RunFramesOptions
 from ..pipeline import BinningPipeline
 from ..runtime import DEFAULT_ROOT
-from .suggest import ScanResults
+from .results import ScanResults
 
 __all__ = ["DerivedCallbackResults", "LiveEncoder", "ResultsSource"]
 

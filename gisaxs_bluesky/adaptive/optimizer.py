@@ -16,7 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from .suggest import ScanResults, SuggestConfig, Suggestion, suggest_points
+from .results import ScanResults
+from .suggest import SuggestConfig, Suggestion, check_limits, suggest_points
 
 __all__ = ["DAEOptimizer", "LiveEvaluation", "ID_KEY"]
 
@@ -51,8 +52,6 @@ class DAEOptimizer:
             raise ValueError(f"coarse positions differ in length: {n}")
         self.coarse = [{m: float(coarse[m][i]) for m in self.motors} for i in range(n.pop())]
         for p in self.coarse:
-            from .suggest import check_limits
-
             check_limits(p, config.limits)
         if budget < 1:
             raise ValueError(f"budget={budget} must be >= 1")

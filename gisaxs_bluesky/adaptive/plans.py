@@ -21,7 +21,8 @@ import numpy as np
 from bluesky.utils import MsgGenerator
 
 from .live import ResultsSource
-from .suggest import ScanResults, SuggestConfig, Suggestion, check_limits, suggest_points
+from .results import ScanResults
+from .suggest import SuggestConfig, Suggestion, check_limits, suggest_points
 
 __all__ = ["Suggester", "adaptive_scan"]
 

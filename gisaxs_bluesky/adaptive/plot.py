@@ -8,7 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from .suggest import ScanResults, Suggestion
+from .results import ScanResults
+from .suggest import Suggestion
 
 __all__ = ["plot_suggestions"]
 

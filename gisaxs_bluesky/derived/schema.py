@@ -29,6 +29,16 @@ __all__ = [
 
 #: version of the table layout (1.1: noise columns named by kind)
 SCHEMA_VERSION = "1.1"
+#: spec of a derived node (a container beside the raw run) and of its layout
+DERIVED_SPEC = "GISAXSDerived"
+DERIVED_SPEC_VERSION = SCHEMA_VERSION
+#: key of the frames table inside a derived node
+TABLE_KEY = "frames"
+#: a derived node's ``status``
+STATUSES = ("running", "complete", "failed")
+#: the node's ``errors``: at most this many, each at most this long
+MAX_ERRORS = 50
+MAX_ERROR_CHARS = 2000
 #: bin id of frames that were not encoded (bad frame or model failure; see the node's errors)
 UNPROCESSED_BIN = -2
 

@@ -16,4 +16,4 @@ except Exception as _exc:  # noqa: BLE001
 dae_callback = DAEBinningCallback(tiled_client, encoder=encoder, write_lock=tiled_write_lock)
 dae_token = RE.subscribe(dae_callback)
 print(f"DAE binning: model {encoder.name}-{encoder.version} -> "
-      f"/{dae_callback.root}/<uid>-{encoder.name}-{encoder.version}")
+      f"/{dae_callback.config.root}/<uid>-{encoder.name}-{encoder.version}")
