@@ -98,6 +98,14 @@ class DerivedSchema:
             and "noise_prob_0" in columns
         return cls(latent_dim, tuple(noise_kinds), tuple(motors), noise_by_index=by_index)
 
+    @classmethod
+    def from_metadata(cls, md: Mapping[str, Any]) -> DerivedSchema:
+        """The schema of a derived node from its metadata (``schema_version`` absent: written
+        before 1.1, noise columns by index)."""
+        latent_dim = int(md.get("latent_dim") or 1)
+        return cls(latent_dim, tuple(md.get("noise_kinds") or ()), tuple(md.get("motors") or ()),
+                   noise_by_index=md.get("schema_version") is None)
+
     # ------------------------------------------------------------------------- columns
     @property
     def latent_columns(self) -> list[str]:

@@ -20,6 +20,7 @@ from .schema import (
     DERIVED_SPEC_VERSION,
     MAX_ERROR_CHARS,
     MAX_ERRORS,
+    SCHEMA_VERSION,
     STATUSES,
     TABLE_KEY,
     DerivedSchema,
@@ -122,6 +123,7 @@ class DerivedRunWriter:
             "structure_kind": None,
             "errors": [],
             "table_key": TABLE_KEY,
+            "schema_version": SCHEMA_VERSION,
         }
         md.update(p.get("extra_metadata") or {})
         return jsonable(md)

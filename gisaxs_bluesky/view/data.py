@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ..derived import DerivedSchema
 from ..store import TABLE_KEY
 
 __all__ = ["ViewConfig", "RunRows", "run_summary", "frame_preview", "umap_available"]
@@ -84,7 +85,7 @@ class RunRows:
         self.identity_dim = int((self.metadata.get("binner") or {}).get(
             "identity_dim", min(DEFAULT_IDENTITY_DIM, latent_dim) or latent_dim))
         self.latent_cols = [f"latent_{i}" for i in range(self.identity_dim)]
-        self.noise_cols = [f"noise_prob_{j}" for j in range(len(self.noise_kinds))]
+        self.noise_cols = DerivedSchema.from_metadata(self.metadata).noise_columns
         self.columns = ["seq_num", "time", "bin_id", "outlier_score", "is_outlier",
                         "recon_error", "structure", "radius_nm", "distance_nm", *self.motors,
                         *self.latent_cols, *self.noise_cols]

@@ -21,7 +21,7 @@ import pandas as pd
 
 from ..adaptive.tiled_io import SUGGESTIONS_SPEC
 from ..runtime import DEFAULT_ROOT
-from ..store import DERIVED_SPEC, TABLE_KEY
+from ..store import DERIVED_SPEC, TABLE_KEY, tiled_reachable
 from .data import RunRows, ViewConfig, run_summary
 
 __all__ = ["probe_streaming", "Watcher"]
@@ -257,7 +257,7 @@ class Watcher:
         while not self._stop.is_set():
             t0 = time.monotonic()
             try:
-                if not self._reachable():
+                if not tiled_reachable(self.client):
                     raise ConnectionError(f"Tiled at {self.client.context.api_uri} is "
                                           "unreachable; retrying")
                 if self.mode == "streaming":
@@ -280,21 +280,6 @@ class Watcher:
             spent = time.monotonic() - t0
             self._stop.wait(max(self.poll_interval_s - spent, 0.05) if self.mode == "polling"
                             else 1.0)
-
-    def _reachable(self) -> bool:
-        """One quick request (the Tiled client retries a dead server for long)."""
-        import httpx
-
-        ctx = self.client.context
-        kwargs = {} if type(ctx.http_client).__name__ == "TestClient" else {"timeout": 2.0}
-        for _ in range(2):  # a pooled connection to a restarted server fails once
-            try:
-                return ctx.http_client.get(ctx.api_uri, **kwargs).status_code < 500
-            except httpx.TransportError:
-                continue
-            except httpx.HTTPError:
-                return False
-        return False
 
     def _streaming_housekeeping(self) -> None:
         """Subscriptions that could not be made yet (root or table did not exist)."""
