@@ -38,6 +38,7 @@ import pyarrow as pa
 
 from .adaptive.tiled_io import suggestions_key
 from .runtime import DEFAULT_ROOT
+from .store import tiled_reachable
 
 __all__ = [
     "DECISIONS_TABLE",
@@ -198,18 +199,7 @@ class QueueBridge:
 
     def tiled_reachable(self) -> bool:
         """One quick request (the Tiled client itself retries a dead server for long)."""
-        import httpx
-
-        ctx = self.client.context
-        kwargs = {} if type(ctx.http_client).__name__ == "TestClient" else {"timeout": 2.0}
-        for _ in range(2):  # a pooled connection to a restarted server fails once
-            try:
-                return ctx.http_client.get(ctx.api_uri, **kwargs).status_code < 500
-            except httpx.TransportError:
-                continue
-            except httpx.HTTPError:
-                return False
-        return False
+        return tiled_reachable(self.client)
 
     # -- queue ---------------------------------------------------------------------------
     def _require_api(self) -> Any:
