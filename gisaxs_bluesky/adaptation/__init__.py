@@ -1,5 +1,16 @@
 """Self-supervised adaptation of the DAE to one beamtime's own, unlabelled frames."""
 
+from .gain import GainError, GainEstimate, estimate_gain, looks_counting, to_photon_counts
 from .thinning import ThinnedPair, ThinningError, binomial_split, flagged_pixels
 
-__all__ = ["ThinnedPair", "ThinningError", "binomial_split", "flagged_pixels"]
+__all__ = [
+    "GainError",
+    "GainEstimate",
+    "ThinnedPair",
+    "ThinningError",
+    "binomial_split",
+    "estimate_gain",
+    "flagged_pixels",
+    "looks_counting",
+    "to_photon_counts",
+]
