@@ -20,6 +20,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("gisaxs_bluesky.models.evaluate", "metrics on held-out simulation or real frames"),
     "replay": ("gisaxs_bluesky.replay", "re-bin catalogued runs with a model"),
     "serve": ("gisaxs_bluesky.serve", "run the callback on documents from a 0MQ proxy"),
+    "adapt": ("gisaxs_bluesky.adaptation.cli", "fine-tune the model on a beamtime's own frames"),
 }
 
 

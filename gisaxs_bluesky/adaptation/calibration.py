@@ -1,0 +1,93 @@
+"""Binner calibration from the beamtime's own frames, without labels.
+
+Two halves of one frame (binomial thinning) and repeated thinnings of it are measurements of
+one identity with independent noise: the group of latents of one frame plays the part of the
+labelled identity in :meth:`gisaxs_bluesky.binning.OnlineBinner.calibrate`. The spread is the
+``spread_quantile`` of the latents' distances to their group mean; the reconstruction
+threshold the ``recon_quantile`` of the halves' errors; the reference centres are k-means
+centres of the latents of half the frames, and the reference threshold the
+``reference_quantile`` of the other half's distances to them (with fewer than 4 frames the
+split is by thinning instead: centres from one noise draw, threshold from the other). So
+ordinary frames of this beamtime score below 1 but for about 1 - recon_quantile +
+1 - reference_quantile of them, and a frame unlike all of them stands out.
+
+Halves carry a fraction p of the dose: their latents scatter at least as much as full frames
+do, so a spread and thresholds from halves err on the generous side for the full frames.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from ..binning import OnlineBinner
+from ..config import BinnerConfig
+
+__all__ = ["CalibrationConfig", "calibrate_from_groups"]
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """Quantiles of the beamtime calibration (documented in the module docstring)."""
+
+    spread_quantile: float = 0.995
+    recon_quantile: float = 0.99
+    reference_quantile: float = 0.99
+    n_reference: int = 64
+    min_groups_for_frame_split: int = 4
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def calibrate_from_groups(
+    identity_latent: np.ndarray,
+    recon_error: np.ndarray,
+    group: np.ndarray,
+    draw: np.ndarray,
+    *,
+    config: CalibrationConfig | None = None,
+    binner_config: BinnerConfig | None = None,
+    model_sha256: str = "",
+) -> tuple[OnlineBinner, dict]:
+    """A binner calibrated on latents of thinned halves: ``group`` = which measured frame,
+    ``draw`` = which thinning of it. Returns the binner and a summary for the card."""
+    cfg = config or CalibrationConfig()
+    z = np.asarray(identity_latent, dtype=np.float64)
+    err = np.asarray(recon_error, dtype=np.float64).reshape(-1)
+    group = np.asarray(group)
+    draw = np.asarray(draw)
+    if not (len(z) == len(err) == len(group) == len(draw)) or len(z) < 4:
+        raise ValueError(f"calibration needs >= 4 latents with one error, group and draw each; "
+                         f"got {len(z)}, {len(err)}, {len(group)}, {len(draw)}")
+    n_groups = len(np.unique(group))
+    base = binner_config or BinnerConfig()
+    bcfg = BinnerConfig(**{**base.to_dict(), "spread_quantile": cfg.spread_quantile,
+                           "recon_quantile": cfg.recon_quantile,
+                           "reference_quantile": cfg.reference_quantile,
+                           "n_reference": cfg.n_reference})
+    by_frame = n_groups >= cfg.min_groups_for_frame_split
+    if not by_frame and len(np.unique(draw)) < 2:
+        raise ValueError(f"{n_groups} frame(s) with one thinning each: calibration needs 4 "
+                         "frames, or 2 thinnings per frame")
+    split_label = group if by_frame else draw
+    binner = OnlineBinner(bcfg, model_sha256=model_sha256).calibrate(
+        z, group, err, clean_latent=z, clean_recon_error=err, clean_identity_label=split_label)
+    within = [np.sqrt(((z[group == g] - z[group == g].mean(0)) ** 2).sum(1))
+              for g in np.unique(group)]
+    summary = {
+        "method": "groups of split halves and repeated thinnings of each adaptation frame",
+        "config": cfg.to_dict(),
+        "latents": len(z),
+        "frames": n_groups,
+        "reference_split": "by frame" if by_frame else "by thinning (fewer than "
+                           f"{cfg.min_groups_for_frame_split} frames)",
+        "spread": binner.spread,
+        "median_within_distance": float(np.median(np.concatenate(within))),
+        "recon_threshold": binner.recon_threshold,
+        "recon_error_median": float(np.median(err)),
+        "reference_threshold": binner.reference_threshold,
+        "n_reference": len(binner.reference),
+    }
+    return binner, summary
