@@ -43,7 +43,7 @@ from ..models.inference import Encoder, pretrained_path, resolve_device
 from ..models.train import TrainConfig, TrainingData, _denoise_errors, _losses, autocast_dtype
 from .calibration import CalibrationConfig, calibrate_from_groups
 from .gain import GainError, GainEstimate, estimate_gain, looks_counting, to_photon_counts
-from .sources import AdaptationError, FileSource, FrameSource, SourceFrame, collect_frames
+from .sources import AdaptationError, FileSource, FrameSource, SourceFrame, iter_frames
 from .thinning import binomial_split
 
 __all__ = [
@@ -165,7 +165,7 @@ def anchor_set(n_identities: int, *, seed: int = ANCHOR_SEED, cache_dir: Path | 
 class _Pairs:
     """Preprocessed halves of every frame and thinning (float16; about 1 MB per pair)."""
 
-    def __init__(self, n: int, fine_shape: tuple[int, int]) -> None:
+    def __init__(self) -> None:
         self.x = [[], []]  # halves a, b: (8, 128, 128)
         self.fine = [[], []]  # (2, *fine_shape)
         self.group: list[int] = []  # frame index
@@ -247,12 +247,24 @@ def _shape_is_counting(items: list[SourceFrame], report: dict, key: str) -> bool
     return 0.8 <= est.gain_adu_per_photon <= 1.25
 
 
-def _build_pairs(frames: list[SourceFrame], encoder: Encoder, cfg: AdaptConfig,
-                 converters: dict, progress: bool) -> _Pairs:
+def _build_pairs(src_list: list[FrameSource], encoder: Encoder, cfg: AdaptConfig,
+                 gain: GainEstimate | float | None, fallback_geometry: dict | None,
+                 require_geometry: bool, max_frames: int | None, progress: bool
+                 ) -> tuple[_Pairs, list[dict], dict]:
+    """Thin and preprocess every frame as it arrives (frames are not kept: a few hundred
+    Pilatus 1M frames would be GBs); the first ``gain_frames`` of each shape decide how that
+    shape converts to counts. Returns the pairs, each frame's (source, geometry), the
+    detector report."""
     rng = np.random.default_rng(cfg.seed)
-    pairs = _Pairs(len(frames) * cfg.thinnings, encoder.preprocess_config.fine_shape)
-    bar = tqdm(frames, desc="thinning + preprocessing", unit="frame", disable=not progress)
-    for g, item in enumerate(bar):
+    pairs = _Pairs()
+    meta: list[dict] = []
+    converters: dict[tuple, GainEstimate | None] = {}
+    report: dict[str, Any] = {}
+    pending: dict[tuple, list[SourceFrame]] = {}
+    bar = tqdm(desc="thinning + preprocessing", unit="frame", disable=not progress,
+               total=max_frames)
+
+    def process(item: SourceFrame) -> None:
         counts = item.frame
         est = converters[tuple(counts.shape)]
         if est is not None:
@@ -261,9 +273,35 @@ def _build_pairs(frames: list[SourceFrame], encoder: Encoder, cfg: AdaptConfig,
             pair = binomial_split(counts, cfg.split_fraction, mask=item.mask, rng=rng,
                                   name=item.source)
             x, fine = encoder.preprocess_with_fine([pair.a, pair.b], item.mask)
-            pairs.add(x, fine, g, d)
+            pairs.add(x, fine, len(meta), d)
+        meta.append({"source": item.source, "geometry": item.geometry})
+        bar.update(1)
+
+    def flush(shape: tuple) -> None:
+        items = pending.pop(shape)
+        conv, rep = _counts_converter(items, cfg, gain)
+        converters.update(conv)
+        report.update(rep)
+        for it in items:
+            process(it)
+
+    for item in iter_frames(src_list, max_frames=max_frames):
+        if item.geometry == "unknown" and fallback_geometry is not None:
+            item.geometry = fallback_geometry
+        elif item.geometry == "unknown" and require_geometry:
+            raise AdaptationError(f"{item.source}: no geometry; pass geometry=... (--geometry)")
+        shape = tuple(item.frame.shape)
+        if shape in converters:
+            process(item)
+            continue
+        pending.setdefault(shape, []).append(item)
+        if len(pending[shape]) >= cfg.gain_frames:
+            flush(shape)
+    for shape in list(pending):
+        flush(shape)
+    bar.close()
     pairs.freeze()
-    return pairs
+    return pairs, meta, report
 
 
 def _log_pool(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -325,10 +363,10 @@ def _as_sources(sources: Any, geometry: Any, require_geometry: bool) -> list[Fra
     return out
 
 
-def _geometry_summary(frames: Sequence[SourceFrame]) -> list[dict]:
+def _geometry_summary(frames: Sequence[dict]) -> list[dict]:
     import json
 
-    counts = Counter(json.dumps(f.geometry, sort_keys=True, default=str) for f in frames)
+    counts = Counter(json.dumps(f["geometry"], sort_keys=True, default=str) for f in frames)
     return [{"geometry": json.loads(k), "frames": n} for k, n in counts.items()]
 
 
@@ -375,17 +413,10 @@ def adapt(
     model, base_card, _ = load_checkpoint(base_path, map_location=dev)
     spread0 = float(base_card.get("binner", {}).get("spread", 1.0))
     src_list = _as_sources(sources, geometry, require_geometry)
-    frames = collect_frames(src_list, max_frames=max_frames)
-    fallback = _check_geometry_arg(geometry)
-    for f in frames:
-        if f.geometry == "unknown" and fallback is not None:
-            f.geometry = fallback
-        elif f.geometry == "unknown" and require_geometry:
-            raise AdaptationError(f"{f.source}: no geometry; pass geometry=... (--geometry)")
-    converters, detector_report = _counts_converter(frames, cfg, gain)
-
     encoder = Encoder(model, base_card, dev)  # the preprocessing of the base model's card
-    pairs = _build_pairs(frames, encoder, cfg, converters, progress)
+    pairs, frames, detector_report = _build_pairs(
+        src_list, encoder, cfg, gain, _check_geometry_arg(geometry), require_geometry,
+        max_frames, progress)
     anchor_data = _anchor(anchor, cfg, progress)
 
     model.to(dev, memory_format=torch.channels_last)
@@ -454,7 +485,7 @@ def adapt(
                      "sha256": base_card.get("sha256"), "path": str(base_path)},
             "sources": [s.describe() for s in src_list],
             "frames": len(frames),
-            "frame_ids": [f.source for f in frames][:2000],
+            "frame_ids": [f["source"] for f in frames][:2000],
             "geometry": _geometry_summary(frames),
             "detector": detector_report,
             "split_fraction": cfg.split_fraction,

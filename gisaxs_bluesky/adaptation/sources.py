@@ -25,10 +25,12 @@ __all__ = [
     "AdaptationError",
     "SourceFrame",
     "FrameSource",
+    "ArraySource",
     "FileSource",
     "RunSource",
     "FRAME_SUFFIXES",
     "collect_frames",
+    "iter_frames",
     "read_detector_file",
 ]
 
@@ -288,6 +290,27 @@ class FileSource:
         return {"kind": "files", "files": self.read or [{"path": str(p)} for p in self.files]}
 
 
+class ArraySource:
+    """Frames already in memory (a notebook, a benchmark): ``frames`` (N, H, W) or a list,
+    named ``<label>#<i>``."""
+
+    def __init__(self, frames: Sequence[np.ndarray] | np.ndarray, *, label: str = "array",
+                 mask: np.ndarray | None = None, geometry: Any = None,
+                 require_geometry: bool = False) -> None:
+        self.frames = list(frames)
+        self.label = label
+        self.mask = None if mask is None else np.asarray(mask, dtype=bool)
+        self.geometry = _check_geometry(_geometry_dict(geometry), label, require_geometry)
+
+    def __iter__(self) -> Iterator[SourceFrame]:
+        for i, frame in enumerate(self.frames):
+            yield SourceFrame(np.asarray(frame), f"{self.label}#{i}", self.geometry, self.mask)
+
+    def describe(self) -> dict:
+        return {"kind": "arrays", "label": self.label, "frames": len(self.frames),
+                "geometry": self.geometry}
+
+
 # ------------------------------------------------------------------------------------- runs
 class RunSource:
     """Frames of Bluesky runs in a catalog: a Tiled server written by ``TiledWriter`` (frames
@@ -351,22 +374,29 @@ class RunSource:
         return {"kind": "runs", "runs": self.read or [{"uid": u} for u in self.uids]}
 
 
-def collect_frames(sources: Iterable[FrameSource], *, max_frames: int | None = None
-                   ) -> list[SourceFrame]:
-    """Every frame of ``sources`` (up to ``max_frames``); an empty set raises AdaptationError."""
+def iter_frames(sources: Iterable[FrameSource], *, max_frames: int | None = None
+                ) -> Iterator[SourceFrame]:
+    """Every frame of ``sources`` in order (up to ``max_frames``), one at a time; a set without
+    any frame raises AdaptationError once the sources are exhausted."""
     sources = list(sources)
-    frames: list[SourceFrame] = []
+    n = 0
     for source in sources:
         for item in source:
             if np.asarray(item.frame).ndim != 2:
                 raise AdaptationError(f"{item.source}: frame of shape {np.shape(item.frame)} "
                                       "is not 2-D")
-            frames.append(item)
-            if max_frames and len(frames) >= max_frames:
-                return frames
-    if not frames:
+            yield item
+            n += 1
+            if max_frames and n >= max_frames:
+                return
+    if not n:
         named = [s.describe() for s in sources]
         raise AdaptationError(f"the adaptation set is empty: no frames in {named or 'no sources'}"
                               " (give detector files, a folder of them, or runs with a 2-D "
                               "image field)")
-    return frames
+
+
+def collect_frames(sources: Iterable[FrameSource], *, max_frames: int | None = None
+                   ) -> list[SourceFrame]:
+    """:func:`iter_frames` as a list."""
+    return list(iter_frames(sources, max_frames=max_frames))
