@@ -1,9 +1,11 @@
 """Binner calibration from the beamtime's own frames, without labels.
 
 Two halves of one frame (binomial thinning) and repeated thinnings of it are measurements of
-one identity with independent noise: the group of latents of one frame plays the part of the
-labelled identity in :meth:`gisaxs_bluesky.binning.OnlineBinner.calibrate`. The spread is the
-``spread_quantile`` of the latents' distances to their group mean; the reconstruction
+one identity with independent noise, and so are the halves of frames that the sources call
+repeated measurements of one sample (a repeat group): the latents of one frame, or of one
+repeat group, play the part of the labelled identity in
+:meth:`gisaxs_bluesky.binning.OnlineBinner.calibrate`. The spread is the ``spread_quantile``
+of the latents' distances to their identity's mean; the reconstruction
 threshold the ``recon_quantile`` of the halves' errors; the reference centres are k-means
 centres of the latents of half the frames, and the reference threshold the
 ``reference_quantile`` of the other half's distances to them (with fewer than 4 frames the
@@ -47,17 +49,20 @@ def calibrate_from_groups(
     group: np.ndarray,
     draw: np.ndarray,
     *,
+    identity: np.ndarray | None = None,
     config: CalibrationConfig | None = None,
     binner_config: BinnerConfig | None = None,
     model_sha256: str = "",
 ) -> tuple[OnlineBinner, dict]:
     """A binner calibrated on latents of thinned halves: ``group`` = which measured frame,
-    ``draw`` = which thinning of it. Returns the binner and a summary for the card."""
+    ``draw`` = which thinning of it, ``identity`` = the frame's repeat group (default: the
+    frame itself). Returns the binner and a summary for the card."""
     cfg = config or CalibrationConfig()
     z = np.asarray(identity_latent, dtype=np.float64)
     err = np.asarray(recon_error, dtype=np.float64).reshape(-1)
     group = np.asarray(group)
     draw = np.asarray(draw)
+    identity = group if identity is None else np.asarray(identity)
     if not (len(z) == len(err) == len(group) == len(draw)) or len(z) < 4:
         raise ValueError(f"calibration needs >= 4 latents with one error, group and draw each; "
                          f"got {len(z)}, {len(err)}, {len(group)}, {len(draw)}")
@@ -73,18 +78,23 @@ def calibrate_from_groups(
                          "frames, or 2 thinnings per frame")
     split_label = group if by_frame else draw
     binner = OnlineBinner(bcfg, model_sha256=model_sha256).calibrate(
-        z, group, err, clean_latent=z, clean_recon_error=err, clean_identity_label=split_label)
-    within = [np.sqrt(((z[group == g] - z[group == g].mean(0)) ** 2).sum(1))
-              for g in np.unique(group)]
+        z, identity, err, clean_latent=z, clean_recon_error=err, clean_identity_label=split_label)
+
+    def within(labels):
+        return np.concatenate([np.sqrt(((z[labels == g] - z[labels == g].mean(0)) ** 2).sum(1))
+                               for g in np.unique(labels)])
+
     summary = {
         "method": "groups of split halves and repeated thinnings of each adaptation frame",
         "config": cfg.to_dict(),
         "latents": len(z),
         "frames": n_groups,
+        "identities": int(len(np.unique(identity))),
         "reference_split": "by frame" if by_frame else "by thinning (fewer than "
                            f"{cfg.min_groups_for_frame_split} frames)",
         "spread": binner.spread,
-        "median_within_distance": float(np.median(np.concatenate(within))),
+        "median_distance_within_frame": float(np.median(within(group))),
+        "median_distance_within_identity": float(np.median(within(identity))),
         "recon_threshold": binner.recon_threshold,
         "recon_error_median": float(np.median(err)),
         "reference_threshold": binner.reference_threshold,

@@ -36,6 +36,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     src.add_argument("--image-key", default=None)
     src.add_argument("--max-frames-per-run", type=int)
     src.add_argument("--max-frames", type=int, help="at most this many frames in all")
+    src.add_argument("--group-by", default="frame",
+                     help="which frames are repeated measurements of one sample, for the "
+                     "binner's spread: frame (none), file (a multi-frame file), folder, run, or "
+                     "a start-document key of the runs (e.g. sample)")
     src.add_argument("--mask", help="detector mask file (non-zero = not data) for every frame")
     src.add_argument("--geometry", help="geometry as JSON or a JSON file, recorded for frames "
                      "whose source has none (e.g. '{\"distance_mm\": 1730, \"wavelength_nm\": "
@@ -95,8 +99,9 @@ def run(args: argparse.Namespace) -> int:
             mask = np.asarray(read_detector_file(args.mask)[0][0]) != 0
         sources = []
         if args.paths:
-            sources.append(FileSource(args.paths, mask=mask, geometry=geometry,
-                                      require_geometry=args.require_geometry))
+            sources.append(FileSource(
+                args.paths, mask=mask, geometry=geometry, require_geometry=args.require_geometry,
+                group_by=args.group_by if args.group_by in ("file", "folder") else "frame"))
         queries = replay.build_queries(
             scan_ids=replay._parse_range(args.scan_ids), plan_name=args.plan_name,
             since=args.since, until=args.until, metadata=replay._parse_where(args.where))
@@ -105,7 +110,9 @@ def run(args: argparse.Namespace) -> int:
             sources.append(RunSource(catalog, args.uid, queries, stream=args.stream,
                                      image_key=args.image_key, limit=args.limit,
                                      max_frames_per_run=args.max_frames_per_run, mask=mask,
-                                     geometry=geometry, require_geometry=args.require_geometry))
+                                     geometry=geometry, require_geometry=args.require_geometry,
+                                     group_by=("frame" if args.group_by in ("file", "folder")
+                                               else args.group_by)))
         elif args.uid or queries:
             raise AdaptationError("--uid / run queries need --tiled-uri")
         if not sources:

@@ -274,7 +274,7 @@ def _build_pairs(src_list: list[FrameSource], encoder: Encoder, cfg: AdaptConfig
                                   name=item.source)
             x, fine = encoder.preprocess_with_fine([pair.a, pair.b], item.mask)
             pairs.add(x, fine, len(meta), d)
-        meta.append({"source": item.source, "geometry": item.geometry})
+        meta.append({"source": item.source, "geometry": item.geometry, "group": item.group})
         bar.update(1)
 
     def flush(shape: tuple) -> None:
@@ -471,7 +471,10 @@ def adapt(
     z, err = _encode_halves(adapted, pairs)
     group = np.concatenate([pairs.group, pairs.group])
     draw = np.concatenate([pairs.draw, pairs.draw])
-    binner, calibration = calibrate_from_groups(z, err, group, draw, config=cfg.calibration)
+    repeat = [f["group"] if f["group"] is not None else f"#{i}" for i, f in enumerate(frames)]
+    identity = np.unique(repeat, return_inverse=True)[1][group]  # per latent
+    binner, calibration = calibrate_from_groups(z, err, group, draw, identity=identity,
+                                                config=cfg.calibration)
     calibration["calibrated_on"] = "the adaptation frames below (split halves)"
 
     card = {k: v for k, v in base_card.items() if k not in ("sha256", "binner", "metrics")}
@@ -485,6 +488,7 @@ def adapt(
                      "sha256": base_card.get("sha256"), "path": str(base_path)},
             "sources": [s.describe() for s in src_list],
             "frames": len(frames),
+            "repeat_groups": len({f["group"] for f in frames if f["group"] is not None}),
             "frame_ids": [f["source"] for f in frames][:2000],
             "geometry": _geometry_summary(frames),
             "detector": detector_report,

@@ -1,7 +1,10 @@
 """Where the adaptation frames come from: detector files, or runs in a Tiled / databroker catalog.
 
 Every source yields :class:`SourceFrame` (the frame, where it came from, its geometry, its
-mask) and describes itself for the adapted checkpoint's card. Geometry, in this order: the
+mask, its repeat group) and describes itself for the adapted checkpoint's card. A repeat
+group names frames that are repeated measurements of one sample (``group_by``: a multi-frame
+file, a folder, a run, a start-document key such as ``sample``): the binner's within-identity
+spread is calibrated on them, beside the split halves of each frame. Geometry, in this order: the
 ``geometry`` argument; what the source says (CBF / EDF headers, NeXus instrument fields, a
 ``geometry`` dict in a run's start document); else the string ``"unknown"`` (recorded as such;
 ``require_geometry=True`` makes it an error instead).
@@ -54,6 +57,9 @@ class SourceFrame:
     source: str  # "file:/path[#index]" or "run:<uid>#<seq_num>"
     geometry: dict | str = UNKNOWN  # a dict of what is known, or "unknown"
     mask: np.ndarray | None = field(default=None, repr=False)  # True = not data
+    #: frames with the same group are repeated measurements of one sample (calibration);
+    #: None: the frame stands alone
+    group: str | None = None
 
 
 class FrameSource(Protocol):
@@ -254,7 +260,10 @@ class FileSource:
 
     def __init__(self, paths: str | Path | Sequence[str | Path], *, mask: np.ndarray | None = None,
                  geometry: Any = None, require_geometry: bool = False,
-                 recursive: bool = False) -> None:
+                 recursive: bool = False, group_by: str = "frame") -> None:
+        if group_by not in ("frame", "file", "folder"):
+            raise AdaptationError(f"group_by={group_by!r}: files group by frame, file or folder")
+        self.group_by = group_by
         if isinstance(paths, str | Path):
             paths = [paths]
         self.files, mask_files = _expand(paths, recursive)
@@ -282,7 +291,9 @@ class FileSource:
                     raise AdaptationError(
                         f"mask shape {mask.shape} does not match {path} frame shape {frame.shape}")
                 suffix = f"#{i}" if len(frames) > 1 else ""
-                yield SourceFrame(frame, f"file:{path}{suffix}", geometry, mask)
+                group = {"frame": None, "file": str(path), "folder": str(path.parent)}
+                yield SourceFrame(frame, f"file:{path}{suffix}", geometry, mask,
+                                  group[self.group_by])
             self.read.append({"path": str(path), "frames": len(frames), "mask": mask_name,
                               "geometry": geometry, "bytes": path.stat().st_size})
 
@@ -296,19 +307,21 @@ class ArraySource:
 
     def __init__(self, frames: Sequence[np.ndarray] | np.ndarray, *, label: str = "array",
                  mask: np.ndarray | None = None, geometry: Any = None,
-                 require_geometry: bool = False) -> None:
+                 require_geometry: bool = False, repeats: bool = False) -> None:
         self.frames = list(frames)
+        self.repeats = repeats  # True: all frames are repeated measurements of one sample
         self.label = label
         self.mask = None if mask is None else np.asarray(mask, dtype=bool)
         self.geometry = _check_geometry(_geometry_dict(geometry), label, require_geometry)
 
     def __iter__(self) -> Iterator[SourceFrame]:
         for i, frame in enumerate(self.frames):
-            yield SourceFrame(np.asarray(frame), f"{self.label}#{i}", self.geometry, self.mask)
+            yield SourceFrame(np.asarray(frame), f"{self.label}#{i}", self.geometry, self.mask,
+                              self.label if self.repeats else None)
 
     def describe(self) -> dict:
         return {"kind": "arrays", "label": self.label, "frames": len(self.frames),
-                "geometry": self.geometry}
+                "geometry": self.geometry, "repeats": self.repeats}
 
 
 # ------------------------------------------------------------------------------------- runs
@@ -323,9 +336,11 @@ class RunSource:
                  stream: str = "primary", image_key: str | None = None, method: str = "auto",
                  limit: int | None = None, max_frames_per_run: int | None = None,
                  mask: np.ndarray | None = None, geometry: Any = None,
-                 require_geometry: bool = False, root: str = "gisaxs_derived") -> None:
+                 require_geometry: bool = False, root: str = "gisaxs_derived",
+                 group_by: str = "frame") -> None:
         from .. import replay
 
+        self.group_by = group_by  # "frame", "run", or a start-document key (e.g. "sample")
         self.catalog = catalog
         self.uids = replay.select_runs(catalog, *queries, uids=list(uids), root=root, limit=limit)
         self.options = replay.ReplayOptions(stream=stream, image_key=image_key, method=method)
@@ -351,6 +366,12 @@ class RunSource:
                                        f"run {uid}", self.require_geometry)
             errors: list[str] = []
             n = 0
+            group = None
+            if self.group_by == "run":
+                group = uid
+            elif self.group_by != "frame":
+                value = start.get(self.group_by)
+                group = None if value is None else f"{self.group_by}={value}"
             for chunk in src.chunks(set(), 16, errors):
                 for seq, frame in zip(chunk.seq, chunk.frames, strict=True):
                     if frame is None:
@@ -358,7 +379,7 @@ class RunSource:
                     frame = np.asarray(frame)
                     if frame.ndim == 3 and frame.shape[0] == 1:
                         frame = frame[0]
-                    yield SourceFrame(frame, f"run:{uid}#{int(seq)}", geometry, self.mask)
+                    yield SourceFrame(frame, f"run:{uid}#{int(seq)}", geometry, self.mask, group)
                     n += 1
                     if self.max_frames_per_run and n >= self.max_frames_per_run:
                         break

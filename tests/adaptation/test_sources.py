@@ -78,6 +78,12 @@ def test_every_file_format_and_folder(tmp_path):
     assert [d["frames"] for d in described] == [1, 1, 1, 1, 2, 1]
     assert described[0]["mask"].endswith("detector_mask.tif")
 
+    assert all(f.group is None for f in frames)  # group_by="frame": every frame alone
+    by_file = collect_frames([FileSource(folder, group_by="file")])
+    assert by_file[4].group == by_file[5].group == str(folder / "e.nxs") != by_file[0].group
+    assert {f.group for f in collect_frames([FileSource(folder, group_by="folder")])} == {
+        str(folder)}
+
     # an explicit geometry wins over headers; required geometry missing is an error
     src = FileSource(folder / "c.cbf", geometry={"distance_mm": 5000.0})
     assert collect_frames([src])[0].geometry == {"distance_mm": 5000.0}
@@ -128,6 +134,10 @@ def test_tiled_runs_by_uid_and_query(RE, tiled_client, detector_dir):
     assert len(frames) == 3 and frames[0].geometry["distance_mm"] == 1730.0
     assert src.describe()["runs"][0]["uid"] == a and src.describe()["runs"][0]["frames"] == 3
     assert len(collect_frames([RunSource(tiled_client, [a], max_frames_per_run=2)])) == 2
+    assert {f.group for f in collect_frames([RunSource(tiled_client, [a, b], group_by="run")])
+            } == {a, b}
+    assert {f.group for f in collect_frames([RunSource(tiled_client, [a, b], group_by="sample")])
+            } == {"sample=S1", "sample=S2"}
     with pytest.raises(AdaptationError, match="run 'nope' is not in the catalog"):
         collect_frames([RunSource(tiled_client, ["nope"])])
     with pytest.raises(AdaptationError, match="adaptation set is empty"):
