@@ -59,6 +59,13 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+#: the modules of GisaxsDAE that learn, per AdaptConfig.trainable (None: all)
+TRAINABLE = {
+    "all": None,
+    "decoder+identity": ("to_identity", "from_identity", "decoder", "refine"),
+    "decoder": ("from_identity", "decoder", "refine"),
+}
+
 #: seed of the simulated anchor set: apart from the training sets (1-4) and evaluation (>= 10000)
 ANCHOR_SEED = 7
 
@@ -79,6 +86,14 @@ class AdaptConfig:
     w_n2n_denoiser: float = 10.0  # as train's w_denoise
     w_identity: float = 1.0
     w_anchor: float = 1.0
+    w_base: float = 0.0  # L2-SP: sum of squared weight changes from the base model
+    # anchor frames' identity latents stay where the base model put them (over its spread^2):
+    # the structure / size heads read them, so this keeps those heads' inputs
+    w_distill: float = 30.0
+    # which parts learn: "decoder+identity" (identity MLP, decoder, denoiser; the conv trunk,
+    # the noise branch and the heads stay, so noise kinds are untouched), "decoder" (decoder
+    # and denoiser only: latents and noise kinds untouched) or "all"
+    trainable: str = "decoder+identity"
     denoise_crop: int = 64
     detector: str = "auto"  # "auto" | "counting" | "integrating"
     gain_frames: int = 4  # frames per shape whose single-frame gain estimates are averaged
@@ -96,6 +111,8 @@ class AdaptConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if self.anchor_identities < 0:
             raise ValueError(f"anchor_identities={self.anchor_identities} must be >= 0")
+        if self.trainable not in TRAINABLE:
+            raise ValueError(f"trainable={self.trainable!r}: expected one of {sorted(TRAINABLE)}")
         if self.detector not in ("auto", "counting", "integrating"):
             raise ValueError(f"detector={self.detector!r}: expected auto, counting or integrating")
 
@@ -168,6 +185,7 @@ class _Pairs:
     def __init__(self) -> None:
         self.x = [[], []]  # halves a, b: (8, 128, 128)
         self.fine = [[], []]  # (2, *fine_shape)
+        self.whole: list[torch.Tensor] = []  # (8, 128, 128) of each whole frame
         self.group: list[int] = []  # frame index
         self.draw: list[int] = []  # thinning index
 
@@ -180,6 +198,7 @@ class _Pairs:
 
     def freeze(self) -> None:
         self.x = [torch.stack(v) for v in self.x]
+        self.whole = torch.stack(self.whole)
         self.fine = [torch.stack(v) for v in self.fine]
         self.group = np.asarray(self.group)
         self.draw = np.asarray(self.draw)
@@ -274,6 +293,8 @@ def _build_pairs(src_list: list[FrameSource], encoder: Encoder, cfg: AdaptConfig
                                   name=item.source)
             x, fine = encoder.preprocess_with_fine([pair.a, pair.b], item.mask)
             pairs.add(x, fine, len(meta), d)
+        pairs.whole.append(torch.from_numpy(encoder.preprocess([counts], item.mask)[0]
+                                            .astype(np.float16)))
         meta.append({"source": item.source, "geometry": item.geometry, "group": item.group})
         bar.update(1)
 
@@ -420,7 +441,13 @@ def adapt(
     anchor_data = _anchor(anchor, cfg, progress)
 
     model.to(dev, memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    modules = TRAINABLE[cfg.trainable]
+    for n, p in model.named_parameters():
+        p.requires_grad_(modules is None or n.split(".")[0] in modules)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    distill_ref = _anchor_latents(model, anchor_data, dev) if (
+        anchor_data is not None and cfg.w_distill > 0) else None
     by_draw = [np.flatnonzero(pairs.draw == d) for d in range(cfg.thinnings)]
     steps = math.ceil(len(frames) / cfg.batch_frames)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, cfg.lr,
@@ -428,6 +455,7 @@ def adapt(
     amp_dtype = autocast_dtype(cfg.precision, dev)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     train_cfg = TrainConfig()
+    base_params = [p.detach().clone() for p in params] if cfg.w_base > 0 else None
     history = []
     for epoch in range(cfg.epochs):
         model.train()
@@ -450,6 +478,18 @@ def adapt(
                                   flip=bool(rng.random() < 0.5), rng=rng)
                     losses.update({f"anchor_{k}": v for k, v in sim.items()})
                     total = total + cfg.w_anchor * sim["total"]
+                    if distill_ref is not None:
+                        aidx = anchor_data.batch(ids)
+                        xa = anchor_data.inputs[aidx].to(dev).float()
+                        za = model.to_identity(model.features(xa)[0])
+                        ref_z = distill_ref[aidx.to(dev)]
+                        losses["anchor_distill"] = ((za.float() - ref_z) ** 2).sum(
+                            1).mean() / spread0**2
+                        total = total + cfg.w_distill * losses["anchor_distill"]
+                if base_params is not None:
+                    losses["base_l2"] = sum(((p - p0) ** 2).sum() for p, p0
+                                            in zip(params, base_params, strict=True))
+                    total = total + cfg.w_base * losses["base_l2"]
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(total).backward()
             scaler.step(optimizer)
@@ -465,17 +505,21 @@ def adapt(
         history.append(entry)
         log.info("adapt epoch %d: %s", epoch + 1, entry["loss"])
     model.eval()
+    for p in model.parameters():
+        p.requires_grad_(True)
 
     # calibration on every half of every thinning, with the adapted weights
     adapted = Encoder(model, base_card, dev)
-    z, err = _encode_halves(adapted, pairs)
+    z, err = _encode(adapted, pairs.x)  # a halves, then b halves
+    z_whole, err_whole = _encode(adapted, [pairs.whole])
     group = np.concatenate([pairs.group, pairs.group])
     draw = np.concatenate([pairs.draw, pairs.draw])
     repeat = [f["group"] if f["group"] is not None else f"#{i}" for i, f in enumerate(frames)]
     identity = np.unique(repeat, return_inverse=True)[1][group]  # per latent
-    binner, calibration = calibrate_from_groups(z, err, group, draw, identity=identity,
-                                                config=cfg.calibration)
-    calibration["calibrated_on"] = "the adaptation frames below (split halves)"
+    binner, calibration = calibrate_from_groups(
+        z, err, group, draw, identity=identity, frame_latent=z_whole,
+        frame_recon_error=err_whole, config=cfg.calibration)
+    calibration["calibrated_on"] = "the adaptation frames below (whole and split halves)"
 
     card = {k: v for k, v in base_card.items() if k not in ("sha256", "binner", "metrics")}
     card.update(
@@ -511,16 +555,25 @@ def adapt(
     return AdaptResult(out, card)
 
 
-def _encode_halves(encoder: Encoder, pairs: _Pairs, batch: int = 64
-                   ) -> tuple[np.ndarray, np.ndarray]:
-    """Identity latents and reconstruction errors of every half (a halves first, then b)."""
+def _encode(encoder: Encoder, inputs: Sequence[torch.Tensor], batch: int = 64
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """Identity latents and reconstruction errors of float16 inputs, in order."""
     z, err = [], []
-    for h in (0, 1):
-        for s in range(0, len(pairs.x[h]), batch):
-            out = encoder.encode_preprocessed(pairs.x[h][s : s + batch].float().numpy())
+    for x in inputs:
+        for s in range(0, len(x), batch):
+            out = encoder.encode_preprocessed(x[s : s + batch].float().numpy())
             z.append(out["latent"][:, : encoder.identity_dim])
             err.append(out["recon_error"])
     return np.concatenate(z), np.concatenate(err)
+
+
+@torch.no_grad()
+def _anchor_latents(model, data: TrainingData, device: torch.device) -> torch.Tensor:
+    """The base model's identity latents of every anchor frame (before any step)."""
+    model.eval()
+    return torch.cat([model.to_identity(model.features(data.inputs[s : s + 64].to(device)
+                                                       .float())[0]).float()
+                      for s in range(0, len(data), 64)])
 
 
 def _check_geometry_arg(geometry: Any) -> dict | None:

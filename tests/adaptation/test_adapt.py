@@ -78,6 +78,10 @@ def test_adapt_writes_a_checkpoint_that_loads_with_provenance(beamtime, anchor, 
     for k, v in model.state_dict().items():
         if "running_mean" in k:
             torch.testing.assert_close(v, base.state_dict()[k])
+        if k.split(".")[0] in ("stem", "block4", "to_noise", "noise_head", "size_head"):
+            torch.testing.assert_close(v, base.state_dict()[k])  # not trainable by default
+    assert not torch.equal(model.to_identity[1].weight, base.to_identity[1].weight)
+    assert "anchor_distill" in a["losses"] and a["config"]["trainable"] == "decoder+identity"
     # the calibrated binner comes with the model
     encoder = load_adapted(out, "cpu")
     binner = make_binner(encoder)

@@ -55,3 +55,21 @@ def test_few_frames_split_by_thinning_and_errors():
     cfg = CalibrationConfig(recon_quantile=0.5)
     b, _ = calibrate_from_groups(*_latents()[:4], config=cfg)
     assert b.config.recon_quantile == 0.5
+
+
+def test_whole_frames_set_the_thresholds_and_join_the_spread():
+    z, err, frame, draw, sample = _latents()
+    rng = np.random.default_rng(3)
+    n = frame.max() + 1
+    # whole frames: at their frame's latent (shifted off the halves a little), errors lower
+    zf = np.stack([z[frame == f].mean(0) for f in range(n)]) + 0.05
+    ef = rng.gamma(4.0, 0.05, n)
+    binner, summary = calibrate_from_groups(z, err, frame, draw, frame_latent=zf,
+                                            frame_recon_error=ef)
+    assert summary["thresholds_from"] == "whole frames"
+    assert binner.recon_threshold == pytest.approx(np.quantile(ef, 0.99))
+    assert summary["recon_error_median"] == pytest.approx(np.median(ef))
+    halves, _ = calibrate_from_groups(z, err, frame, draw)
+    assert binner.spread >= halves.spread * 0.9
+    with pytest.raises(ValueError, match="one per frame"):
+        calibrate_from_groups(z, err, frame, draw, frame_latent=zf[:3], frame_recon_error=ef[:3])
