@@ -24,6 +24,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "view": ("gisaxs_bluesky.view.server", "live web page of the bins, outliers, suggestions"),
     "suggestions": ("gisaxs_bluesky.qserver",
                     "list / accept / reject suggestions (accepted -> Queue Server plan)"),
+    "adapt": ("gisaxs_bluesky.adaptation.cli", "fine-tune the model on a beamtime's own frames"),
 }
 
 

@@ -35,12 +35,12 @@ Layout: :mod:`.selection` (which runs), :mod:`.sources` (their frames), :mod:`.o
 from ..models import load_model
 from ..models import read_binner_state as load_binner_state
 from .batch import connect, replay_runs
-from .cli import add_arguments, run
+from .cli import add_arguments, parse_range, parse_where, run
 from .distributed import replay_distributed
 from .one_run import replay_run
 from .options import SUMMARY_STATUSES, ReplayError, ReplayOptions, RunSummary
 from .selection import build_queries, select_runs
-from .sources import find_image_key
+from .sources import find_image_key, open_source
 
 __all__ = [
     "SUMMARY_STATUSES",
@@ -52,6 +52,9 @@ __all__ = [
     "load_model",
     "load_binner_state",
     "find_image_key",
+    "open_source",
+    "parse_range",
+    "parse_where",
     "replay_run",
     "replay_runs",
     "replay_distributed",

@@ -58,7 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true")
 
 
-def _parse_where(items: Sequence[str]) -> dict[str, Any]:
+def parse_where(items: Sequence[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for item in items:
         if "=" not in item:
@@ -71,7 +71,7 @@ def _parse_where(items: Sequence[str]) -> dict[str, Any]:
     return out
 
 
-def _parse_range(text: str | None) -> tuple[int | None, int | None] | None:
+def parse_range(text: str | None) -> tuple[int | None, int | None] | None:
     if not text:
         return None
     lo, sep, hi = text.partition(":")
@@ -114,8 +114,8 @@ def run(args: argparse.Namespace) -> int:
             uids += [ln.strip() for ln in Path(args.uid_file).read_text().splitlines()
                      if ln.strip() and not ln.startswith("#")]
         queries = build_queries(
-            scan_ids=_parse_range(args.scan_ids), plan_name=args.plan_name,
-            since=args.since, until=args.until, metadata=_parse_where(args.where),
+            scan_ids=parse_range(args.scan_ids), plan_name=args.plan_name,
+            since=args.since, until=args.until, metadata=parse_where(args.where),
         )
         catalog = connect(uri, api_key)
         selected = select_runs(catalog, *queries, uids=uids, root=args.root, limit=args.limit)

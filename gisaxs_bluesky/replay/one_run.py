@@ -15,7 +15,7 @@ from ..models import ModelSpecError, make_binner, read_binner_state
 from ..pipeline import BinningPipeline
 from ..store import TABLE_KEY, DerivedStore, describe_fault
 from .options import ReplayError, ReplayOptions, RunSummary
-from .sources import _ArrayRun, _DocumentRun, _is_sql_run, _open_source
+from .sources import _ArrayRun, _DocumentRun, _is_sql_run, open_source
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def replay_run(
     lock = None
     try:
         try:
-            source = _open_source(catalog, uid, options)
+            source = open_source(catalog, uid, options)
         except KeyError:
             summary.status = "missing"
             errors.append(f"run {uid!r}: not found in the catalog")

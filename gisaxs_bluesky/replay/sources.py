@@ -221,7 +221,7 @@ def _is_sql_run(run: Any) -> bool:
     return False
 
 
-def _open_source(catalog: Any, uid: str, options: ReplayOptions) -> Any:
+def open_source(catalog: Any, uid: str, options: ReplayOptions) -> Any:
     run = catalog[uid]  # KeyError when missing
     method = options.method
     if method == "auto":

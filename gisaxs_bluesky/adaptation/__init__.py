@@ -1,0 +1,53 @@
+"""Self-supervised adaptation of the DAE to one beamtime's own, unlabelled frames."""
+
+from .calibration import CalibrationConfig, calibrate_from_groups
+from .finetune import (
+    AdaptConfig,
+    AdaptResult,
+    adapt,
+    list_adapted,
+    load_adapted,
+    model_cache_dir,
+    resolve_model,
+)
+from .gain import GainError, GainEstimate, estimate_gain, looks_counting, to_photon_counts
+from .sources import (
+    AdaptationError,
+    ArraySource,
+    FileSource,
+    FrameSource,
+    RunSource,
+    SourceFrame,
+    collect_frames,
+    read_detector_file,
+)
+from .thinning import ThinnedPair, ThinningError, binomial_split, flagged_pixels
+
+__all__ = [
+    "AdaptConfig",
+    "AdaptResult",
+    "AdaptationError",
+    "ArraySource",
+    "CalibrationConfig",
+    "FileSource",
+    "FrameSource",
+    "GainError",
+    "GainEstimate",
+    "RunSource",
+    "SourceFrame",
+    "ThinnedPair",
+    "ThinningError",
+    "adapt",
+    "binomial_split",
+    "calibrate_from_groups",
+    "collect_frames",
+    "estimate_gain",
+    "flagged_pixels",
+    "list_adapted",
+    "load_adapted",
+    "looks_counting",
+    "model_cache_dir",
+    "read_detector_file",
+    "resolve_model",
+    "to_photon_counts",
+]

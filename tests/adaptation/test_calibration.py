@@ -1,0 +1,75 @@
+"""Binner calibration from groups of halves (no labels): spread, thresholds, reference split."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from gisaxs_bluesky.adaptation.calibration import CalibrationConfig, calibrate_from_groups
+
+
+def _latents(n_frames=40, draws=2, frame_sd=1.0, noise_sd=0.1, seed=0):
+    """Frames of 4 samples: sample centres far apart, frames of one sample 1.0 apart, halves of
+    one frame 0.1 apart; two halves per draw."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(0, 20, (4, 16))
+    sample = np.arange(n_frames) % 4
+    frame_z = centres[sample] + rng.normal(0, frame_sd, (n_frames, 16))
+    rows = [(f, d) for d in range(draws) for f in range(n_frames) for _ in range(2)]
+    frame = np.array([r[0] for r in rows])
+    draw = np.array([r[1] for r in rows])
+    z = frame_z[frame] + rng.normal(0, noise_sd, (len(rows), 16))
+    err = rng.gamma(4.0, 0.1, len(rows))
+    return z, err, frame, draw, sample[frame]
+
+
+def test_spread_from_halves_or_from_repeat_groups():
+    z, err, frame, draw, sample = _latents()
+    halves, s1 = calibrate_from_groups(z, err, frame, draw)
+    repeats, s2 = calibrate_from_groups(z, err, frame, draw, identity=sample)
+    # halves: sqrt(16) * 0.1 * sqrt(3/4) ~ 0.35 typical distance; repeats: ~4 (frame_sd 1.0)
+    assert 0.3 < s1["median_distance_within_frame"] < 0.45
+    assert halves.spread < 1.0 < 3.0 < repeats.spread
+    assert s2["identities"] == 4 and s1["identities"] == 40
+    assert halves.recon_threshold == pytest.approx(np.quantile(err, 0.99))
+    assert s1["reference_split"] == "by frame"
+    # ordinary new frames of these samples: about 1 % over the reference threshold
+    # (seed 0 again: the same sample centres; 400 frames, most of them new)
+    new, *_ = _latents(n_frames=400, draws=1, seed=0)
+    flagged = repeats.reference_score(new[::2]) > 1
+    assert flagged.mean() < 0.05
+    # a latent far from every sample stands out
+    assert repeats.reference_score(z[:1] + 60.0)[0] > 1
+
+
+def test_few_frames_split_by_thinning_and_errors():
+    z, err, frame, draw, _ = _latents(n_frames=2, draws=2)
+    binner, summary = calibrate_from_groups(z, err, frame, draw)
+    assert summary["reference_split"].startswith("by thinning")
+    assert np.isfinite(binner.reference_threshold)
+    z, err, frame, draw, _ = _latents(n_frames=2, draws=1)
+    with pytest.raises(ValueError, match="2 thinnings per frame"):
+        calibrate_from_groups(z, err, frame, draw)
+    with pytest.raises(ValueError, match=">= 4 latents"):
+        calibrate_from_groups(z[:2], err[:2], frame[:2], draw[:2])
+    cfg = CalibrationConfig(recon_quantile=0.5)
+    b, _ = calibrate_from_groups(*_latents()[:4], config=cfg)
+    assert b.config.recon_quantile == 0.5
+
+
+def test_whole_frames_set_the_thresholds_and_join_the_spread():
+    z, err, frame, draw, sample = _latents()
+    rng = np.random.default_rng(3)
+    n = frame.max() + 1
+    # whole frames: at their frame's latent (shifted off the halves a little), errors lower
+    zf = np.stack([z[frame == f].mean(0) for f in range(n)]) + 0.05
+    ef = rng.gamma(4.0, 0.05, n)
+    binner, summary = calibrate_from_groups(z, err, frame, draw, frame_latent=zf,
+                                            frame_recon_error=ef)
+    assert summary["thresholds_from"] == "whole frames"
+    assert binner.recon_threshold == pytest.approx(np.quantile(ef, 0.99))
+    assert summary["recon_error_median"] == pytest.approx(np.median(ef))
+    halves, _ = calibrate_from_groups(z, err, frame, draw)
+    assert binner.spread >= halves.spread * 0.9
+    with pytest.raises(ValueError, match="one per frame"):
+        calibrate_from_groups(z, err, frame, draw, frame_latent=zf[:3], frame_recon_error=ef[:3])
