@@ -164,7 +164,7 @@ def expected_intensity(
         rows = np.arange(shape[0], dtype=np.float32)[:, None]
         cols = np.arange(shape[1], dtype=np.float32)[None, :]
         dist = np.sqrt((rows - r0) ** 2 + (cols - c0) ** 2) + 3
-        halo = 200 * dose_counts * parasitic * (10 / dist) ** 2
+        halo = 300 * dose_counts * parasitic * (10 / dist) ** 2
         streak = 30 * dose_counts * parasitic * np.exp(-0.5 * ((rows - r0) / 2.0) ** 2)
         image += (halo + streak * (10 / np.sqrt(np.abs(cols - c0) + 10))).astype(np.float32)
     # the direct beam: an enormous spot where the (possibly misaligned) beam hits, with the
