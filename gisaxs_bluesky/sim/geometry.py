@@ -127,3 +127,17 @@ class Geometry:
 
     def horizon_row(self) -> float:
         return self.row_of_alpha_f(0.0)
+
+    def instrument(self):
+        """This set-up as the instrument-geometry record that travels with a frame."""
+        from ..geometry import DETECTORS, InstrumentGeometry
+
+        spec = DETECTORS.get(self.detector.name)
+        known = spec is not None and spec.shape == self.shape
+        p = self.detector.pixel_size_mm
+        return InstrumentGeometry(
+            shape=self.shape, pixel_size_mm=(p, p), distance_mm=self.distance_mm,
+            wavelength_nm=self.wavelength_nm, beam_center_px=self.beam_center_px,
+            incidence_deg=self.incidence_deg, detector=self.detector.name if known else None,
+            beamstop_radius_px=self.beamstop_radius_px,
+        )
