@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import threading
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numba
@@ -305,15 +307,14 @@ class RemapStats:
     max: np.ndarray
 
 
-@numba.njit(cache=True, nogil=True, parallel=True)
-def _gather(frames, indptr, indices, coef, weight, out):  # pragma: no cover - compiled
-    n_frames = frames.shape[0]
-    n_bins = len(indptr) - 1
-    for b in numba.prange(n_bins):
+@numba.njit(cache=True, nogil=True)
+def _gather(frames, indptr, indices, coef, weight, f0, f1, b0, b1, out):  # pragma: no cover
+    """Statistics of bins [b0, b1) of frames [f0, f1) (one thread's share; GIL released)."""
+    for b in range(b0, b1):
         j0, j1 = indptr[b], indptr[b + 1]
         if j0 == j1:
             continue
-        for f in range(n_frames):
+        for f in range(f0, f1):
             total = 0.0
             n_valid = 0.0
             n_flag = 0.0
@@ -342,6 +343,37 @@ def _gather(frames, indptr, indices, coef, weight, out):  # pragma: no cover - c
             out[5, f, b] = vmax
 
 
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+
+
+_COMPILED: set[str] = set()
+
+
+def _ensure_compiled(dtype: np.dtype) -> None:
+    """Compile the gather for frames of ``dtype`` on this thread, once: numba compiling one
+    function from several threads at once is not safe (KeyError in its typing tables)."""
+    if dtype.str in _COMPILED:
+        return
+    with _POOL_LOCK:
+        if dtype.str not in _COMPILED:
+            one = np.zeros(1, dtype=np.float32)
+            _gather(np.zeros((1, 1), dtype=dtype), np.array([0, 1], dtype=np.int64),
+                    np.zeros(1, dtype=np.int64), one, one, 0, 1, 0, 1,
+                    np.zeros((6, 1, 1), dtype=np.float32))
+            _COMPILED.add(dtype.str)
+
+
+def _pool() -> ThreadPoolExecutor:
+    """Threads for the gather (numba's own parallel layer fights torch's OpenMP threads)."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(max_workers=min(8, max(2, os.cpu_count() or 2)),
+                                       thread_name_prefix="gisaxs-remap")
+        return _POOL
+
+
 def _as_batch(frames: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     frames = np.asarray(frames)
     if frames.ndim == 2:
@@ -355,11 +387,28 @@ def _as_batch(frames: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return np.ascontiguousarray(frames.reshape(frames.shape[0], -1))
 
 
-def remap(table: RemapTable, frames: np.ndarray) -> RemapStats:
-    """(N, H, W) or (H, W) frames -> per-bin statistics on the table's grid (numba, CPU)."""
+def remap(table: RemapTable, frames: np.ndarray, *, threads: int | None = None) -> RemapStats:
+    """(N, H, W) or (H, W) frames -> per-bin statistics on the table's grid (numba, CPU).
+
+    The bins are shared among ``threads`` threads (default: one per core, 2 to 8).
+    """
     flat = _as_batch(frames, table.geometry.shape)
-    out = np.zeros((6, flat.shape[0], table.n_bins), dtype=np.float32)
-    _gather(flat, table.indptr, table.indices, table.coef, table.weight, out)
+    n = flat.shape[0]
+    _ensure_compiled(flat.dtype)
+    out = np.zeros((6, n, table.n_bins), dtype=np.float32)
+    args = (flat, table.indptr, table.indices, table.coef, table.weight)
+    pool = _pool() if threads is None or threads > 1 else None
+    workers = 1 if pool is None else (threads or pool._max_workers)
+    if workers == 1:
+        _gather(*args, 0, n, 0, table.n_bins, out)
+    else:
+        # equal shares of table entries (not of bins: most pixels sit in a few rows of bins)
+        cuts = np.searchsorted(table.indptr, np.linspace(0, table.indptr[-1], workers + 1))
+        cuts[0], cuts[-1] = 0, table.n_bins
+        jobs = [pool.submit(_gather, *args, 0, n, int(a), int(b), out)
+                for a, b in zip(cuts[:-1], cuts[1:], strict=True) if b > a]
+        for job in jobs:
+            job.result()
     out = out.reshape(6, flat.shape[0], *table.grid.shape)
     return RemapStats(*out)
 
