@@ -344,6 +344,7 @@ def _gather(frames, indptr, indices, coef, weight, f0, f1, b0, b1, out):  # prag
 
 
 _POOL: ThreadPoolExecutor | None = None
+_POOL_PID: int | None = None
 _POOL_LOCK = threading.Lock()
 
 
@@ -366,9 +367,10 @@ def _ensure_compiled(dtype: np.dtype) -> None:
 
 def _pool() -> ThreadPoolExecutor:
     """Threads for the gather (numba's own parallel layer fights torch's OpenMP threads)."""
-    global _POOL
+    global _POOL, _POOL_PID
     with _POOL_LOCK:
-        if _POOL is None:
+        if _POOL is None or _POOL_PID != os.getpid():  # threads do not survive a fork
+            _POOL_PID = os.getpid()
             _POOL = ThreadPoolExecutor(max_workers=min(8, max(2, os.cpu_count() or 2)),
                                        thread_name_prefix="gisaxs-remap")
         return _POOL

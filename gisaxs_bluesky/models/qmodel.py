@@ -15,10 +15,10 @@ import numpy as np
 import torch
 
 from ..geometry import InstrumentGeometry, QGrid, remap, remap_table, remap_torch
-from .inference import EncodeResult, Encoder, recon_error
+from .inference import EncodeResult, Encoder, load_encoder, recon_error
 from .preprocess import q_inputs
 
-__all__ = ["QEncoder", "grid_from_card", "is_qgrid_card"]
+__all__ = ["QEncoder", "grid_from_card", "is_qgrid_card", "load_qencoder"]
 
 
 def is_qgrid_card(card: dict) -> bool:
@@ -88,3 +88,8 @@ class QEncoder:
             "distance_nm": torch.exp(out["log_distance"].float()),
         }
         return {k: v.cpu().numpy().astype(np.float32) for k, v in result.items()}
+
+
+def load_qencoder(path, device: str | torch.device = "auto") -> QEncoder:
+    """A q-grid checkpoint ready for inference (a pixel model is refused, naming its input)."""
+    return QEncoder(load_encoder(path, device))
