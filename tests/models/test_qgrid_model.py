@@ -64,3 +64,33 @@ def test_pixel_model_is_refused_as_a_q_model():
 
     with pytest.raises(ValueError, match="not a q-grid model"):
         QEncoder(load_pretrained("cpu"))
+
+
+def test_held_out_instrument_report_with_the_baseline_alongside(q_model):
+    from gisaxs_bluesky.models.evaluate import evaluate_instruments
+
+    encoder = load_qencoder(q_model[0], "cpu")
+    report = evaluate_instruments(encoder, instruments=("lab_ccd1024_cu_1.2m",), n_identities=5,
+                                  frames_per_identity=2, dose_levels=(3.0,))
+    row = report["lab_ccd1024_cu_1.2m"]["3"]
+    assert row["frames"] == 10
+    for key in ("ari_vs_identity", "baseline_ari_vs_identity"):
+        assert -1.0 <= row[key] <= 1.0
+    for key in ("homogeneity_structure", "baseline_homogeneity_structure",
+                "outlier_fraction_clean", "structure_accuracy"):
+        assert 0.0 <= row[key] <= 1.0
+    assert row["radius_rel_rmse"] >= 0
+
+
+def test_homogeneity_and_baseline_on_separable_frames():
+    from gisaxs_bluesky.models.evaluate import baseline_bins, homogeneity
+
+    assert homogeneity([0, 0, 1, 1], [5, 5, 6, 6]) == 1.0
+    assert homogeneity([0, 1, 0, 1], [5, 5, 5, 5]) == 0.5
+    rng = np.random.default_rng(0)
+    frames = [rng.poisson(lam, (256, 256)).astype(np.int32)
+              for lam in (1.0, 1.0, 50.0, 50.0) for _ in range(3)]
+    for f in frames[6:]:
+        f[:128] = 0  # the second kind: dark top half
+    labels = baseline_bins(frames, [None] * len(frames), 2)
+    assert len(set(labels[:6])) == 1 and len(set(labels[6:])) == 1 and labels[0] != labels[6]
