@@ -143,7 +143,8 @@ def _normalise(d: Mapping[str, Any], where: str) -> dict[str, Any]:
         try:
             energy = float(d["energy_kev"])
         except (TypeError, ValueError):
-            raise GeometryError(f"{where}.energy_kev={d['energy_kev']!r} must be a number") from None
+            raise GeometryError(
+                f"{where}.energy_kev={d['energy_kev']!r} must be a number") from None
         if not math.isfinite(energy) or energy <= 0:
             raise GeometryError(f"{where}.energy_kev={energy} must be a finite number > 0")
         wavelength = HC_KEV_NM / energy
