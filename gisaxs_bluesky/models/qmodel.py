@@ -18,7 +18,8 @@ from ..geometry import InstrumentGeometry, QGrid, remap, remap_table, remap_torc
 from .inference import EncodeResult, Encoder, load_encoder, recon_error
 from .preprocess import q_inputs
 
-__all__ = ["QEncoder", "grid_from_card", "is_qgrid_card", "load_qencoder"]
+__all__ = ["QEncoder", "geometry_outside_card", "grid_from_card", "is_qgrid_card",
+           "load_qencoder"]
 
 
 def is_qgrid_card(card: dict) -> bool:
@@ -31,6 +32,36 @@ def grid_from_card(card: dict) -> QGrid:
         raise ValueError(f"model {card.get('name')!r} is not a q-grid model (card input "
                          f"{card.get('input', 'pixels')!r})")
     return QGrid(**card.get("qgrid", {}))
+
+
+def geometry_outside_card(geometry: InstrumentGeometry, card: dict) -> list[str]:
+    """Why a frame's geometry lies outside what the model was trained across (empty: inside).
+
+    The caller flags such frames with these reasons instead of binning them silently.
+    """
+    ranges = card.get("instruments") or {}
+    reasons = []
+    for key, value in (("wavelength_nm", geometry.wavelength_nm),
+                       ("distance_mm", geometry.distance_mm),
+                       ("incidence_deg", geometry.incidence_deg)):
+        lo_hi = ranges.get(key)
+        if lo_hi and not lo_hi[0] <= value <= lo_hi[1]:
+            reasons.append(f"{key}={value:g} outside the trained range {lo_hi}")
+    if geometry.tilt_deg and abs(geometry.tilt_deg) > 5:
+        reasons.append(f"tilt_deg={geometry.tilt_deg:g}: training drew untilted detectors")
+    if "min_q_reach_nm" in ranges:
+        from ..geometry import remap_table
+
+        table = remap_table(geometry, grid_from_card(card))
+        seen = table.valid
+        grid = table.grid
+        q_par = grid.q_par_centres()[seen.any(axis=0)]
+        q_z = grid.q_z_centres()[seen.any(axis=1)]
+        reach = min(q_par.max() if q_par.size else 0.0, q_z.max() if q_z.size else 0.0)
+        if reach < ranges["min_q_reach_nm"]:
+            reasons.append(f"the detector sees q up to {reach:.2f} 1/nm, less than the "
+                           f"{ranges['min_q_reach_nm']} 1/nm every training set-up saw")
+    return reasons
 
 
 class QEncoder:

@@ -94,3 +94,17 @@ def test_homogeneity_and_baseline_on_separable_frames():
         f[:128] = 0  # the second kind: dark top half
     labels = baseline_bins(frames, [None] * len(frames), 2)
     assert len(set(labels[:6])) == 1 and len(set(labels[6:])) == 1 and labels[0] != labels[6]
+
+
+def test_geometry_outside_the_trained_ranges_is_named(q_model):
+    from gisaxs_bluesky.models.qmodel import geometry_outside_card
+
+    card = q_model[1]
+    inside = HELD_OUT["p03_pilatus1m_2.4m"].instrument()
+    assert geometry_outside_card(inside, card) == []
+    hard_x_rays = inside.__class__(**{**inside.__dict__, "wavelength_nm": 0.05})
+    assert any("wavelength_nm=0.05" in r for r in geometry_outside_card(hard_x_rays, card))
+    far = inside.__class__(**{**inside.__dict__, "distance_mm": 20000.0})
+    reasons = geometry_outside_card(far, card)
+    assert any("distance_mm=20000" in r for r in reasons)
+    assert any("sees q up to" in r for r in reasons)
