@@ -25,6 +25,9 @@ __all__ = [
     "psnr",
     "psnr_gain_at_detector_resolution",
     "evaluate_simulated",
+    "evaluate_instruments",
+    "baseline_bins",
+    "homogeneity",
     "evaluate_real",
     "read_frame",
     "add_arguments",
@@ -154,6 +157,120 @@ def evaluate_simulated(
     return metrics
 
 
+def homogeneity(classes: np.ndarray, bins: np.ndarray) -> float:
+    """Fraction of frames whose bin's majority class is their own (1: no bin mixes classes)."""
+    classes, bins = np.asarray(classes), np.asarray(bins)
+    agree = 0
+    for b in np.unique(bins):
+        in_bin = classes[bins == b]
+        agree += np.bincount(in_bin).max()
+    return float(agree / max(len(classes), 1))
+
+
+def baseline_bins(frames: list[np.ndarray], masks: list[np.ndarray], n_clusters: int,
+                  seed: int = 0, n_components: int = 10) -> np.ndarray:
+    """Log block means (128 x 128, the pixel model's first channel) + PCA + k-means with the
+    true number of identities: what plain binning achieves without a model."""
+    from .preprocess import preprocess
+
+    x = np.stack([preprocess(f, m)[0].ravel() for f, m in zip(frames, masks, strict=True)])
+    x = x - x.mean(0)
+    u, sv, _ = np.linalg.svd(x, full_matrices=False)
+    z = u[:, :n_components] * sv[:n_components]
+    rng = np.random.default_rng(seed)
+    best, best_inertia = None, np.inf
+    for _ in range(10):  # k-means++ restarts
+        centres = [z[rng.integers(len(z))]]
+        for _ in range(1, n_clusters):
+            d2 = np.min([((z - c) ** 2).sum(1) for c in centres], axis=0)
+            centres.append(z[rng.choice(len(z), p=d2 / d2.sum())] if d2.sum() > 0 else z[0])
+        centres = np.array(centres)
+        for _ in range(100):
+            labels = np.argmin(((z[:, None] - centres[None]) ** 2).sum(-1), axis=1)
+            new = np.array([z[labels == k].mean(0) if (labels == k).any() else centres[k]
+                            for k in range(n_clusters)])
+            if np.allclose(new, centres):
+                break
+            centres = new
+        inertia = ((z - centres[labels]) ** 2).sum()
+        if inertia < best_inertia:
+            best, best_inertia = labels, inertia
+    return best
+
+
+def evaluate_instruments(
+    qencoder,
+    *,
+    instruments: tuple[str, ...] | None = None,
+    n_identities: int = 10,
+    frames_per_identity: int = 6,
+    dose_levels: tuple[float, ...] = (0.3, 3.0, 30.0),
+    seed: int = 30_000,
+) -> dict:
+    """A q-grid model on set-ups that training never draws, with the baseline side by side.
+
+    Per instrument and dose: ``n_identities`` samples (all structure types), each measured
+    ``frames_per_identity`` times (photon noise and the detector's own noise only), streamed in
+    random order through a fresh calibrated binner; ARI of bins vs identity, homogeneity of bins
+    in structure type, clean frames flagged as outliers, structure accuracy, radius/distance
+    relative RMS; and log block means + PCA + k-means on the same frames.
+    """
+    from ..sim.instruments import HELD_OUT
+    from ..sim.simulate import simulate
+    from .qmodel import QEncoder
+
+    if not isinstance(qencoder, QEncoder):
+        qencoder = QEncoder(qencoder)
+    instruments = instruments or tuple(HELD_OUT)
+    report: dict = {}
+    for name in instruments:
+        per_dose = {}
+        for level, dose in enumerate(dose_levels):
+            spec = DatasetSpec(n_identities=n_identities, frames_per_identity=frames_per_identity,
+                               seed=seed + 100 * level, instruments=name, dose_counts=dose,
+                               p_kind=0.0, binned=False, jitter_geometry=False)
+            frames, masks, ids, structure, radius, distance = [], [], [], [], [], []
+            from ..sim.dataset import _detector_noise, identity_setup
+            from ..sim.noise import NoiseSpec
+
+            for i in range(n_identities):
+                rng, sample, geometry = identity_setup(spec, i)
+                for _ in range(frames_per_identity):
+                    noise = _detector_noise(NoiseSpec(dose, {"poisson": 1.0, "gaps": 1.0}),
+                                            geometry, rng)
+                    frames.append(simulate(sample, geometry, noise, rng, compute_binning=4).counts)
+                    masks.append(nominal_mask(geometry))
+                    ids.append(i)
+                    structure.append(sample.structure_index)
+                    radius.append(sample.radius_nm)
+                    distance.append(sample.distance_nm)
+            ids, structure = np.array(ids), np.array(structure)
+            radius, distance = np.array(radius), np.array(distance)
+            out = qencoder.encode(np.stack(frames), geometry.instrument(), masks[0])
+            order = np.random.default_rng(seed + level).permutation(len(ids))
+            binner = make_binner(qencoder.encoder)
+            assigned = binner.assign(out.identity_latent[order], out.recon_error[order])
+            bins = np.empty_like(assigned.bin_id)
+            bins[order] = assigned.bin_id
+            lattice = LATTICE[structure]
+            base = baseline_bins(frames, masks, n_identities, seed=seed)
+            per_dose[f"{dose:g}"] = {
+                "frames": int(len(ids)),
+                "bins": int(len(np.unique(bins))),
+                "ari_vs_identity": adjusted_rand_index(ids, bins),
+                "homogeneity_structure": homogeneity(structure, bins),
+                "outlier_fraction_clean": float(assigned.is_outlier.mean()),
+                "structure_accuracy": float((out.structure_prob.argmax(1) == structure).mean()),
+                "radius_rel_rmse": float(np.sqrt(np.mean((out.radius_nm / radius - 1) ** 2))),
+                "distance_rel_rmse": float(np.sqrt(np.mean(
+                    (out.distance_nm / distance - 1)[lattice] ** 2))) if lattice.any() else None,
+                "baseline_ari_vs_identity": adjusted_rand_index(ids, base),
+                "baseline_homogeneity_structure": homogeneity(structure, base),
+            }
+        report[name] = per_dose
+    return report
+
+
 def read_frame(path: str | Path) -> np.ndarray:
     """A detector frame from TIFF (optionally .gz), .npy or HDF5 (first 2-D dataset)."""
     frame = _read_frame(Path(path))
@@ -239,12 +356,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--real", nargs="*", metavar="PATH",
                         help="measured frames or folders of them (.tif, .tif.gz, .npy, .h5)")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--instruments", nargs="*", metavar="NAME",
+                        help="a q-grid model on held-out set-ups (sim.instruments.HELD_OUT; "
+                        "none named: all), with log block means + PCA + k-means alongside")
+    parser.add_argument("--frames-per-identity", type=int, default=6)
 
 
 def run(args: argparse.Namespace) -> int:
     encoder = load_encoder(args.model, args.device) if args.model else load_pretrained(args.device)
     result: dict = {"model": encoder.info()}
-    if args.real is not None:
+    if args.instruments is not None:
+        result["instruments"] = evaluate_instruments(
+            encoder, instruments=tuple(args.instruments) or None,
+            n_identities=min(args.identities, 50), frames_per_identity=args.frames_per_identity,
+            seed=args.seed)
+    elif args.real is not None:
         paths: list[Path] = []
         for p in map(Path, args.real or []):
             if p.is_dir():

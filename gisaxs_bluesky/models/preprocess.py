@@ -397,3 +397,80 @@ def preprocess_batch(
     if frames.ndim != 3:
         raise ValueError(f"frames must be (N, H, W) or (H, W), got shape {frames.shape}")
     return np.stack([preprocess(f, mask, config) for f in frames])
+
+
+# -- reciprocal-space input ------------------------------------------------------------------
+#: channels of the q-grid model input, in order (see :func:`preprocess_q`)
+Q_CHANNELS = ("log_mean", "valid", "flagged", "log_max", "dead", "negative", "log_pixels",
+              "k_fz")
+
+
+def q_inputs(stats, table, min_valid_fraction: float = 0.25) -> tuple[np.ndarray, np.ndarray]:
+    """Per-bin statistics (:func:`gisaxs_bluesky.geometry.remap`) -> (N, 8, n_q_z, n_q_par)
+    float32 model input and the (N,) dose scales.
+
+    Channels (:data:`Q_CHANNELS`): log1p(mean / median valid mean), intensity per solid angle
+    on the fixed q grid; the valid fraction of the bin's pixels; the fraction the detector
+    flagged; the bin maximum over the mean (hot pixels, zingers); zeros beyond Poisson's
+    exp(-mean) (dead pixels); readings below 0 (integrating detectors); log1p(valid pixels in
+    the bin) / 5 (how much statistics a bin holds: detectors and distances differ); the exit
+    wave vector q_z - k sin(alpha_i) over the grid's q_z range, where the bin is valid (the
+    Yoneda band sits at a fixed exit angle, not at a fixed q_z). Works on numpy arrays and on
+    torch tensors alike (``stats`` from :func:`remap_torch`).
+    """
+    full = table.full_weight
+    k_fz = table.k_fz / np.float32(table.grid.q_z_max_nm)
+    if not isinstance(stats.mean, np.ndarray):
+        return _q_inputs_torch(stats, full, k_fz, min_valid_fraction)
+    n_valid = stats.n_valid
+    frac = np.where(full > 0, n_valid / np.maximum(full, 1e-12), 0)
+    good = frac >= min_valid_fraction
+    scales = np.array([max(float(np.median(m[g])) if g.any() else 1.0, 1e-3)
+                       for m, g in zip(stats.mean, good, strict=True)], dtype=np.float32)
+    s = scales[:, None, None]
+    log_i = np.where(good, np.log1p(stats.mean / s), 0)
+    log_max = np.where(good, np.log1p(stats.max / s) - log_i, 0)
+    per_valid = 1 / np.maximum(n_valid, 1e-12)
+    dead = np.where(good, np.clip(stats.n_zero * per_valid - np.exp(-stats.mean), 0, 1), 0)
+    channels = [log_i, good * frac, np.where(full > 0, stats.n_flagged / np.maximum(full, 1e-12),
+                                             0), log_max, dead,
+                np.where(good, stats.n_negative * per_valid, 0), np.log1p(n_valid) / 5,
+                good * k_fz]
+    out = np.empty((len(stats.mean), len(channels), *full.shape), dtype=np.float32)
+    for k, channel in enumerate(channels):
+        out[:, k] = channel
+    return out, scales
+
+
+def _q_inputs_torch(stats, full, k_fz, min_valid_fraction):
+    import torch
+
+    device = stats.mean.device
+    full = torch.as_tensor(full, device=device)
+    k_fz = torch.as_tensor(k_fz, device=device)
+    n_valid = stats.n_valid
+    frac = torch.where(full > 0, n_valid / full.clamp_min(1e-12), 0)
+    good = frac >= min_valid_fraction
+    masked = torch.where(good, stats.mean, torch.nan).flatten(1)
+    scales = torch.nan_to_num(masked.nanmedian(dim=1).values, nan=1.0).clamp_min(1e-3)
+    s = scales[:, None, None]
+    zero = torch.zeros((), device=device)
+    log_i = torch.where(good, torch.log1p(stats.mean / s), zero)
+    log_max = torch.where(good, torch.log1p(stats.max / s) - log_i, zero)
+    per_valid = 1 / n_valid.clamp_min(1e-12)
+    dead = torch.where(good, (stats.n_zero * per_valid - torch.exp(-stats.mean)).clamp(0, 1),
+                       zero)
+    channels = [log_i, good * frac,
+                torch.where(full > 0, stats.n_flagged / full.clamp_min(1e-12), zero), log_max,
+                dead, torch.where(good, stats.n_negative * per_valid, zero),
+                torch.log1p(n_valid) / 5, good * k_fz]
+    return torch.stack(channels, dim=1).float(), scales
+
+
+def preprocess_q(frames: np.ndarray, geometry, mask: np.ndarray | None = None, grid=None,
+                 ) -> np.ndarray:
+    """(N, H, W) or (H, W) frames of one geometry -> (N, 8, n_q_z, n_q_par) q-grid input."""
+    from ..geometry import remap, remap_table
+
+    table = remap_table(geometry, grid, mask)
+    return q_inputs(remap(table, frames), table)[0]

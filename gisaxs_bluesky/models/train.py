@@ -479,6 +479,17 @@ def train_denoiser(
 
 
 def _card(model, data, val, cfg, name, version, history, epochs_done) -> dict:
+    card = _base_card(model, data, val, cfg, name, version, history, epochs_done)
+    if data.description.get("input_mode") == "qgrid":
+        # a q-grid model: what grid it reads and which instruments it was trained across
+        card["input"] = "qgrid"
+        card["qgrid"] = json.loads(data.description["qgrid"])
+        card["instruments"] = {"drawn": data.description.get("instruments"),
+                               **json.loads(data.description.get("instrument_ranges", "{}"))}
+    return card
+
+
+def _base_card(model, data, val, cfg, name, version, history, epochs_done) -> dict:
     return {
         "name": name,
         "version": version or time.strftime("%Y.%m.%d"),

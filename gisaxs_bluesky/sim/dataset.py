@@ -43,6 +43,13 @@ class DatasetSpec:
     # mask sees it (the beamstop and, when the stop is off its place, the direct beam)
     p_mask: float = 0.5
     compute_binning: int = 6
+    # "shipped": the Pilatus 1M set-up the shipped model knows (beam and incidence jittered);
+    # "train": one random instrument per identity (sim.instruments.random_instrument);
+    # a name in sim.instruments.HELD_OUT: that set-up, which training never draws
+    instruments: str = "shipped"
+    # "pixels": detector blocks (models.preprocess.preprocess); "qgrid": the fixed (q_z, q_par)
+    # grid of geometry.QGrid() (models.preprocess.q_inputs)
+    input_mode: str = "pixels"
 
     def __post_init__(self) -> None:
         if self.n_identities < 1 or self.frames_per_identity < 1:
@@ -55,6 +62,16 @@ class DatasetSpec:
         for s in self.structures:
             if s not in STRUCTURES:
                 raise ValueError(f"structure {s!r} is not one of {STRUCTURES}")
+        from .instruments import HELD_OUT
+
+        if self.instruments not in ("shipped", "train", *HELD_OUT):
+            raise ValueError(f"instruments={self.instruments!r} must be 'shipped', 'train' or "
+                             f"one of {sorted(HELD_OUT)}")
+        if self.input_mode not in ("pixels", "qgrid"):
+            raise ValueError(f"input_mode={self.input_mode!r} must be 'pixels' or 'qgrid'")
+        if not self.binned and self.instruments == "train":
+            raise ValueError("full frames (binned=False) need one detector: instruments='train' "
+                             "draws several")
 
     @property
     def n_frames(self) -> int:
@@ -81,15 +98,45 @@ def _identity_geometry(rng: np.random.Generator, jitter: bool) -> Geometry:
     )
 
 
-def iter_identity(spec: DatasetSpec, index: int) -> Iterator[dict]:
-    """Frames of identity ``index``: one sample + geometry, fresh noise for each frame."""
-    # models depends on sim, not the reverse
-    from ..models.preprocess import _preprocess, preprocess_fine
-
+def identity_setup(spec: DatasetSpec, index: int) -> tuple[np.random.Generator, Sample, Geometry]:
+    """(rng, sample, geometry) of identity ``index``; the sample's refractive indices are those
+    at the instrument's wavelength."""
     rng = np.random.default_rng([spec.seed, index])
     structure = spec.structures[index % len(spec.structures)]
     sample: Sample = random_sample(rng, structure=structure)
-    geometry = _identity_geometry(rng, spec.jitter_geometry)
+    if spec.instruments == "shipped":
+        return rng, sample, _identity_geometry(rng, spec.jitter_geometry)
+    from .instruments import HELD_OUT, at_wavelength, random_instrument
+
+    if spec.instruments == "train":
+        geometry = random_instrument(rng)
+    else:
+        geometry = HELD_OUT[spec.instruments]
+        if spec.jitter_geometry:
+            r, c = geometry.beam_center_px
+            geometry = replace(geometry, beam_center_px=(r + rng.uniform(-8, 8),
+                                                         c + rng.uniform(-8, 8)))
+    return rng, at_wavelength(sample, geometry.wavelength_nm), geometry
+
+
+def _detector_noise(noise: NoiseSpec, geometry: Geometry, rng: np.random.Generator) -> NoiseSpec:
+    """An integrating detector (CCD) always has gain and readout noise and flags no gaps."""
+    if geometry.detector.counting:
+        return noise
+    kinds = {k: v for k, v in noise.kinds.items() if k != "gaps"}
+    kinds.setdefault("readout", float(rng.uniform(0.2, 1.0)))
+    return NoiseSpec(noise.dose_counts, kinds)
+
+
+def iter_identity(spec: DatasetSpec, index: int) -> Iterator[dict]:
+    """Frames of identity ``index``: one sample + geometry, fresh noise for each frame."""
+    if spec.input_mode == "qgrid":
+        yield from _iter_identity_q(spec, index)
+        return
+    # models depends on sim, not the reverse
+    from ..models.preprocess import _preprocess, preprocess_fine
+
+    rng, sample, geometry = identity_setup(spec, index)
     mask = nominal_mask(geometry)
     clean = expected_intensity(sample, geometry, dose_counts=10.0,
                                compute_binning=spec.compute_binning)
@@ -100,15 +147,9 @@ def iter_identity(spec: DatasetSpec, index: int) -> Iterator[dict]:
         noise: NoiseSpec = random_noise(
             rng, dose_range=spec.dose_range, p_kind=spec.p_kind, dose_counts=spec.dose_counts
         )
+        noise = _detector_noise(noise, geometry, rng)
         result = simulate(sample, geometry, noise, rng, compute_binning=spec.compute_binning)
-        row = {
-            "identity": index,
-            "structure_index": sample.structure_index,
-            "radius_nm": sample.radius_nm,
-            "distance_nm": sample.distance_nm,
-            "dose_counts": noise.dose_counts,
-            "noise_vector": noise.label_vector(),
-        }
+        row = _labels(index, sample, noise, geometry)
         if spec.binned:
             frame_mask = mask if rng.random() < spec.p_mask else None
             inputs, scale = _preprocess(result.counts, frame_mask, None)
@@ -116,6 +157,55 @@ def iter_identity(spec: DatasetSpec, index: int) -> Iterator[dict]:
             row["target"] = target.astype(np.float16)
             row["fine"] = preprocess_fine(result.counts, scale, frame_mask).astype(np.float16)
             row["fine_target"] = fine_target.astype(np.float16)
+        else:
+            row["counts"] = result.counts.astype(np.float32)
+            row["expected"] = clean * np.float32(noise.dose_counts / 10.0)
+        yield row
+
+
+def _labels(index: int, sample: Sample, noise: NoiseSpec, geometry: Geometry) -> dict:
+    from .instruments import ALL_DETECTORS
+
+    name = geometry.detector.name
+    return {
+        "identity": index,
+        "structure_index": sample.structure_index,
+        "radius_nm": sample.radius_nm,
+        "distance_nm": sample.distance_nm,
+        "dose_counts": noise.dose_counts,
+        "noise_vector": noise.label_vector(),
+        "detector_index": ALL_DETECTORS.index(name) if name in ALL_DETECTORS else -1,
+        "wavelength_nm": geometry.wavelength_nm,
+        "sample_distance_mm": geometry.distance_mm,
+        "incidence_deg": geometry.incidence_deg,
+    }
+
+
+def _iter_identity_q(spec: DatasetSpec, index: int) -> Iterator[dict]:
+    """:func:`iter_identity` on the fixed q grid: remapped with the identity's geometry."""
+    from ..geometry import QGrid, remap, remap_table
+    from ..models.preprocess import q_inputs
+
+    rng, sample, geometry = identity_setup(spec, index)
+    instrument = geometry.instrument()
+    grid = QGrid()
+    mask = nominal_mask(geometry)
+    nominal = remap_table(instrument, grid, mask)
+    clean = expected_intensity(sample, geometry, dose_counts=10.0,
+                               compute_binning=spec.compute_binning)
+    clean_in = q_inputs(remap(nominal, clean, threads=1), nominal)[0][0]
+    target = pool2(clean_in[0], clean_in[1])
+    for _ in range(spec.frames_per_identity):
+        noise = _detector_noise(random_noise(rng, dose_range=spec.dose_range, p_kind=spec.p_kind,
+                                             dose_counts=spec.dose_counts), geometry, rng)
+        result = simulate(sample, geometry, noise, rng, compute_binning=spec.compute_binning)
+        row = _labels(index, sample, noise, geometry)
+        if spec.binned:
+            # with the user's mask, or with what the record knows (gaps, round beamstop)
+            table = nominal if rng.random() < spec.p_mask else remap_table(instrument, grid)
+            row["inputs"] = q_inputs(remap(table, result.counts, threads=1), table)[0][0].astype(
+                np.float16)
+            row["target"] = target.astype(np.float16)
         else:
             row["counts"] = result.counts.astype(np.float32)
             row["expected"] = clean * np.float32(noise.dose_counts / 10.0)
@@ -133,6 +223,10 @@ _SCALARS = {
     "radius_nm": np.float32,
     "distance_nm": np.float32,
     "dose_counts": np.float32,
+    "detector_index": np.int64,
+    "wavelength_nm": np.float32,
+    "sample_distance_mm": np.float32,
+    "incidence_deg": np.float32,
 }
 
 
@@ -158,10 +252,20 @@ def generate(
             f.create_dataset("inputs", (n, N_CHANNELS, 128, 128), np.float16,
                              chunks=(1, N_CHANNELS, 128, 128))
             f.create_dataset("target", (n, 64, 64), np.float16, chunks=(1, 64, 64))
-            f.create_dataset("fine", (n, 2, 256, 256), np.float16, chunks=(1, 2, 256, 256))
-            f.create_dataset("fine_target", (n, 256, 256), np.float16, chunks=(1, 256, 256))
+            if spec.input_mode == "pixels":
+                f.create_dataset("fine", (n, 2, 256, 256), np.float16, chunks=(1, 2, 256, 256))
+                f.create_dataset("fine_target", (n, 256, 256), np.float16,
+                                 chunks=(1, 256, 256))
+            else:
+                import json
+
+                from ..geometry import QGrid
+                from .instruments import instrument_ranges
+
+                f.attrs["qgrid"] = json.dumps(QGrid().to_dict())
+                f.attrs["instrument_ranges"] = json.dumps(instrument_ranges())
         else:
-            shape = Geometry().shape
+            shape = identity_setup(spec, 0)[2].shape
             f.create_dataset("counts", (n, *shape), np.float32, chunks=(1, *shape),
                              compression="lzf")
             f.create_dataset("expected", (n, *shape), np.float32, chunks=(1, *shape),
@@ -205,6 +309,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--p-kind", type=float, default=DatasetSpec.p_kind,
                         help="probability of each artefact kind (0: clean frames, photon noise only)")
     parser.add_argument("--workers", type=int, default=None)
+    parser.add_argument("--instruments", default=DatasetSpec.instruments,
+                        help="shipped (the Pilatus 1M set-up of the shipped model), train (a "
+                        "random instrument per identity) or a held-out set-up of "
+                        "sim.instruments.HELD_OUT")
+    parser.add_argument("--input-mode", default=DatasetSpec.input_mode,
+                        choices=["pixels", "qgrid"],
+                        help="model input: detector blocks or the fixed (q_z, q_par) grid")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -215,6 +326,8 @@ def run(args: argparse.Namespace) -> int:
         binned=not args.full,
         dose_counts=args.dose,
         p_kind=args.p_kind,
+        instruments=args.instruments,
+        input_mode=args.input_mode,
     )
     out = generate(args.out, spec, workers=args.workers)
     print(f"wrote {spec.n_frames} frames to {out}")

@@ -20,21 +20,54 @@ class Detector:
     # inclusive (first, last) row / column ranges of the inter-module gaps
     gap_rows: tuple[tuple[int, int], ...] = ((195, 211), (407, 423), (619, 635), (831, 847))
     gap_cols: tuple[tuple[int, int], ...] = ((487, 493),)
+    # > 0: only a centred disc of this radius is active (a CCD behind a round taper)
+    active_radius_px: float = 0.0
+    # False: an integrating detector (CCD): gain and readout noise, no gap flags
+    counting: bool = True
 
     def __post_init__(self) -> None:
         if len(self.shape) != 2 or min(self.shape) <= 0:
             raise ValueError(f"detector shape {self.shape} must be two positive integers")
         if self.pixel_size_mm <= 0:
             raise ValueError(f"pixel_size_mm={self.pixel_size_mm} must be > 0")
+        if self.active_radius_px < 0:
+            raise ValueError(f"active_radius_px={self.active_radius_px} must be >= 0")
+
+    @classmethod
+    def named(cls, name: str) -> Detector:
+        """One of ``gisaxs_bluesky.geometry.DETECTORS`` (module gaps from pyFAI's mask)."""
+        from ..geometry import detector_spec
+
+        spec = detector_spec(name)
+        mask = spec.inactive_mask() if spec.active_radius_px == 0 else np.zeros(spec.shape, bool)
+        return cls(name=spec.name, shape=spec.shape, pixel_size_mm=spec.pixel_size_mm[0],
+                   gap_rows=_runs(np.flatnonzero(mask.all(axis=1))),
+                   gap_cols=_runs(np.flatnonzero(mask.all(axis=0))),
+                   active_radius_px=spec.active_radius_px, counting=spec.counting)
 
     def gap_mask(self) -> np.ndarray:
-        """Boolean (rows, cols) array, True on inter-module gap pixels."""
+        """Boolean (rows, cols) array, True on inter-module gap pixels and inactive area."""
         mask = np.zeros(self.shape, dtype=bool)
         for r0, r1 in self.gap_rows:
             mask[r0 : r1 + 1, :] = True
         for c0, c1 in self.gap_cols:
             mask[:, c0 : c1 + 1] = True
+        if self.active_radius_px > 0:
+            rows = np.arange(self.shape[0])[:, None] - (self.shape[0] - 1) / 2
+            cols = np.arange(self.shape[1])[None, :] - (self.shape[1] - 1) / 2
+            mask |= rows**2 + cols**2 > self.active_radius_px**2
         return mask
+
+
+def _runs(indices: np.ndarray) -> tuple[tuple[int, int], ...]:
+    """Inclusive (first, last) ranges of consecutive indices."""
+    runs: list[list[int]] = []
+    for i in indices.tolist():
+        if runs and i == runs[-1][1] + 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return tuple((a, b) for a, b in runs)
 
 
 PILATUS_1M = Detector()
@@ -55,8 +88,13 @@ class Geometry:
     incidence_deg: float = 0.463
     beam_center_px: tuple[float, float] = (719.6, 597.1)
     beamstop_radius_px: float = 12.0
+    # "round": a disc on a holder from below; "rod": a vertical bar from the bottom edge over
+    # the direct beam and the specular spot
+    beamstop_kind: str = "round"
 
     def __post_init__(self) -> None:
+        if self.beamstop_kind not in ("round", "rod"):
+            raise ValueError(f"beamstop_kind={self.beamstop_kind!r} must be 'round' or 'rod'")
         for name in ("distance_mm", "wavelength_nm", "incidence_deg"):
             value = getattr(self, name)
             if not np.isfinite(value) or value <= 0:
@@ -127,3 +165,17 @@ class Geometry:
 
     def horizon_row(self) -> float:
         return self.row_of_alpha_f(0.0)
+
+    def instrument(self):
+        """This set-up as the instrument-geometry record that travels with a frame."""
+        from ..geometry import DETECTORS, InstrumentGeometry
+
+        spec = DETECTORS.get(self.detector.name)
+        known = spec is not None and spec.shape == self.shape
+        p = self.detector.pixel_size_mm
+        return InstrumentGeometry(
+            shape=self.shape, pixel_size_mm=(p, p), distance_mm=self.distance_mm,
+            wavelength_nm=self.wavelength_nm, beam_center_px=self.beam_center_px,
+            incidence_deg=self.incidence_deg, detector=self.detector.name if known else None,
+            beamstop_radius_px=self.beamstop_radius_px,
+        )

@@ -57,18 +57,22 @@ def stripe_amplitude(qy: np.ndarray, qz: np.ndarray, width: float, height: float
 
 
 def sphere_ff(q_par: np.ndarray, qz: np.ndarray, radius: float) -> np.ndarray:
-    """Form factor of a sphere resting on the substrate (centre at height R)."""
-    return sphere_amplitude(np.sqrt(q_par**2 + qz**2), radius) * np.exp(1j * qz * radius)
+    """Form factor of a sphere resting on the substrate (centre at height R).
+
+    Born convention F(q) = int exp(-i q.r) dr, the one that goes with waves exp(i(k.r - w t)),
+    n = 1 - delta + i beta and the Fresnel coefficients of :func:`fresnel_r`.
+    """
+    return sphere_amplitude(np.sqrt(q_par**2 + qz**2), radius) * np.exp(-1j * qz * radius)
 
 
 def cylinder_ff(q_par: np.ndarray, qz: np.ndarray, radius: float, height: float) -> np.ndarray:
-    """Form factor of an upright cylinder standing on the substrate."""
-    return cylinder_amplitude(q_par, qz, radius, height) * np.exp(0.5j * qz * height)
+    """Form factor of an upright cylinder standing on the substrate (convention of sphere_ff)."""
+    return cylinder_amplitude(q_par, qz, radius, height) * np.exp(-0.5j * qz * height)
 
 
 def stripe_ff(qy: np.ndarray, qz: np.ndarray, width: float, height: float) -> np.ndarray:
-    """Form factor (per unit length) of a rectangular lamella standing on the substrate."""
-    return stripe_amplitude(qy, qz, width, height) * np.exp(0.5j * qz * height)
+    """Form factor (per unit length) of a lamella standing on the substrate (as sphere_ff)."""
+    return stripe_amplitude(qy, qz, width, height) * np.exp(-0.5j * qz * height)
 
 
 def paracrystal_sf(q: np.ndarray, distance: float, disorder: float) -> np.ndarray:
@@ -166,13 +170,16 @@ def scattered_intensity(geometry: Geometry, sample: Sample, rows: np.ndarray, co
     for radius, weight in zip(radii, weights, strict=True):
         height = sample.height * radius / sample.radius_nm
         centre = np.float32(radius if sample.is_sphere else height / 2)
-        # every form factor here is real(|q_par|, |qz|) * exp(i qz * centre height)
+        # every form factor here is real(|q_par|, |qz|) * exp(-i qz * centre height): the
+        # Born convention exp(-i q.r) that the Fresnel coefficients of n = 1 - delta + i beta
+        # assume; with exp(+i q.r) the standing wave above the substrate has the wrong phase
+        # and the Yoneda band moves up in exit angle (checked against BornAgain, tests/sim)
         amp_a = _real_amplitude(sample, q_par, qy, abs_qa, radius, height)
-        phase_a = np.exp(1j * qa * centre)
+        phase_a = np.exp(-1j * qa * centre)
         f = amp_a * (phase_a + (r_i * r_f) * np.conj(phase_a))
         if sample.approximation == "dwba":
             amp_b = _real_amplitude(sample, q_par, qy, abs_qb, radius, height)
-            phase_b = np.exp(1j * qb * centre)
+            phase_b = np.exp(-1j * qb * centre)
             f += amp_b * (r_i * phase_b + r_f * np.conj(phase_b))
         mean_f = mean_f + weight * f
         mean_f2 = mean_f2 + weight * (f.real**2 + f.imag**2)

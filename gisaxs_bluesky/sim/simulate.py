@@ -55,8 +55,26 @@ def nominal_mask(geometry: Geometry) -> np.ndarray:
 @lru_cache(maxsize=8)
 def _nominal_mask(geometry: Geometry) -> np.ndarray:
     mask = geometry.detector.gap_mask()
-    mask |= _disc(geometry.shape, geometry.beam_center_px, geometry.beamstop_radius_px)
+    if geometry.beamstop_kind == "rod":
+        mask |= _rod(geometry, geometry.beam_center_px)
+    else:
+        mask |= _disc(geometry.shape, geometry.beam_center_px, geometry.beamstop_radius_px)
     return mask
+
+
+def _rod(geometry: Geometry, centre) -> np.ndarray:
+    """A vertical bar beamstop from the bottom edge over the direct beam and the specular spot
+    (``centre``: where the direct beam's part of it sits)."""
+    r = geometry.beamstop_radius_px
+    bar = np.zeros(geometry.shape, dtype=bool)
+    if r <= 0:
+        return bar
+    top = geometry.row_of_alpha_f(geometry.incidence_deg) + (centre[0] - geometry.beam_center_px[0])
+    c = centre[1]
+    cols = np.arange(geometry.shape[1])
+    rows = np.arange(geometry.shape[0])
+    bar[(rows >= top - r)[:, None] & (np.abs(cols - c) <= r)[None, :]] = True
+    return bar
 
 
 @lru_cache(maxsize=8)
@@ -164,7 +182,7 @@ def expected_intensity(
         rows = np.arange(shape[0], dtype=np.float32)[:, None]
         cols = np.arange(shape[1], dtype=np.float32)[None, :]
         dist = np.sqrt((rows - r0) ** 2 + (cols - c0) ** 2) + 3
-        halo = 200 * dose_counts * parasitic * (10 / dist) ** 2
+        halo = 300 * dose_counts * parasitic * (10 / dist) ** 2
         streak = 30 * dose_counts * parasitic * np.exp(-0.5 * ((rows - r0) / 2.0) ** 2)
         image += (halo + streak * (10 / np.sqrt(np.abs(cols - c0) + 10))).astype(np.float32)
     # the direct beam: an enormous spot where the (possibly misaligned) beam hits, with the
@@ -175,8 +193,11 @@ def expected_intensity(
         geometry.beam_center_px[0] + beamstop_offset_px[0],
         geometry.beam_center_px[1] + beamstop_offset_px[1],
     )
-    shadow = _disc(shape, stop_centre, geometry.beamstop_radius_px)
-    if geometry.beamstop_radius_px > 0:
+    if geometry.beamstop_kind == "rod":
+        shadow = _rod(geometry, stop_centre)
+    else:
+        shadow = _disc(shape, stop_centre, geometry.beamstop_radius_px)
+    if geometry.beamstop_radius_px > 0 and geometry.beamstop_kind == "round":
         # the holder: a rod from the stop to the bottom edge of the detector
         rod = np.zeros(shape, dtype=bool)
         half = max(geometry.beamstop_radius_px / 3, 1)

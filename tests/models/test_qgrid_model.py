@@ -1,0 +1,110 @@
+"""A q-grid model end to end: simulated across instruments, trained, loaded, encoding frames of
+instruments it has not seen with their geometry; the pixel model is not touched."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from gisaxs_bluesky.models.qmodel import QEncoder, is_qgrid_card, load_qencoder
+from gisaxs_bluesky.models.train import TrainConfig, train
+from gisaxs_bluesky.sim import NoiseSpec, Sample, simulate
+from gisaxs_bluesky.sim.dataset import DatasetSpec, generate
+from gisaxs_bluesky.sim.instruments import HELD_OUT, at_wavelength
+
+
+@pytest.fixture(scope="module")
+def q_model(tmp_path_factory):
+    d = tmp_path_factory.mktemp("qgrid")
+    data = generate(d / "train.h5", DatasetSpec(n_identities=10, frames_per_identity=2, seed=5,
+                                                instruments="train", input_mode="qgrid"),
+                    workers=1, progress=False)
+    val = generate(d / "val.h5", DatasetSpec(n_identities=5, frames_per_identity=2, seed=6,
+                                             instruments="train", input_mode="qgrid"),
+                   workers=1, progress=False)
+    out = d / "q.pt"
+    card = train(data, out, val_path=val, config=TrainConfig(epochs=1, batch_identities=5,
+                                                             noise_refit_epochs=0),
+                 device="cpu", progress=False, name="gisaxs-dae-qgrid-test")
+    return out, card
+
+
+def test_card_records_grid_and_instrument_ranges(q_model):
+    out, card = q_model
+    assert is_qgrid_card(card)
+    assert card["qgrid"]["n_q_z"] == 128 and card["qgrid"]["fold"] is True
+    assert card["instruments"]["drawn"] == "train"
+    assert "Eiger 4M" not in card["instruments"]["detectors"]
+    stored = json.loads(out.with_suffix(".json").read_text())
+    assert stored["input"] == "qgrid"
+
+
+def test_encodes_frames_of_held_out_instruments_with_their_geometry(q_model):
+    encoder = load_qencoder(q_model[0], "cpu")
+    for name in ("p03_pilatus1m_2.4m", "lab_ccd1024_cu_1.2m"):
+        geometry = HELD_OUT[name]
+        sample = at_wavelength(Sample(), geometry.wavelength_nm)
+        frames = np.stack([simulate(sample, geometry, NoiseSpec(3.0, {"poisson": 1.0}), seed=s,
+                                    compute_binning=6).counts for s in range(2)])
+        result = encoder.encode(frames, geometry.instrument())
+        assert result.latent.shape == (2, encoder.encoder.latent_dim)
+        assert np.isfinite(result.latent).all() and (result.radius_nm > 0).all()
+        # a theta scan: each frame with its own geometry
+        per_frame = encoder.encode_frames(list(frames), [geometry.instrument(),
+                                                         geometry.instrument().with_incidence(
+                                                             geometry.incidence_deg * 1.5)])
+        np.testing.assert_allclose(per_frame.latent[0], result.latent[0], rtol=1e-4, atol=1e-4)
+        assert not np.allclose(per_frame.latent[1], result.latent[1], atol=1e-4)
+
+
+def test_pixel_model_is_refused_as_a_q_model():
+    from gisaxs_bluesky.models import load_pretrained
+
+    with pytest.raises(ValueError, match="not a q-grid model"):
+        QEncoder(load_pretrained("cpu"))
+
+
+def test_held_out_instrument_report_with_the_baseline_alongside(q_model):
+    from gisaxs_bluesky.models.evaluate import evaluate_instruments
+
+    encoder = load_qencoder(q_model[0], "cpu")
+    report = evaluate_instruments(encoder, instruments=("lab_ccd1024_cu_1.2m",), n_identities=5,
+                                  frames_per_identity=2, dose_levels=(3.0,))
+    row = report["lab_ccd1024_cu_1.2m"]["3"]
+    assert row["frames"] == 10
+    for key in ("ari_vs_identity", "baseline_ari_vs_identity"):
+        assert -1.0 <= row[key] <= 1.0
+    for key in ("homogeneity_structure", "baseline_homogeneity_structure",
+                "outlier_fraction_clean", "structure_accuracy"):
+        assert 0.0 <= row[key] <= 1.0
+    assert row["radius_rel_rmse"] >= 0
+
+
+def test_homogeneity_and_baseline_on_separable_frames():
+    from gisaxs_bluesky.models.evaluate import baseline_bins, homogeneity
+
+    assert homogeneity([0, 0, 1, 1], [5, 5, 6, 6]) == 1.0
+    assert homogeneity([0, 1, 0, 1], [5, 5, 5, 5]) == 0.5
+    rng = np.random.default_rng(0)
+    frames = [rng.poisson(lam, (256, 256)).astype(np.int32)
+              for lam in (1.0, 1.0, 50.0, 50.0) for _ in range(3)]
+    for f in frames[6:]:
+        f[:128] = 0  # the second kind: dark top half
+    labels = baseline_bins(frames, [None] * len(frames), 2)
+    assert len(set(labels[:6])) == 1 and len(set(labels[6:])) == 1 and labels[0] != labels[6]
+
+
+def test_geometry_outside_the_trained_ranges_is_named(q_model):
+    from gisaxs_bluesky.models.qmodel import geometry_outside_card
+
+    card = q_model[1]
+    inside = HELD_OUT["p03_pilatus1m_2.4m"].instrument()
+    assert geometry_outside_card(inside, card) == []
+    hard_x_rays = inside.__class__(**{**inside.__dict__, "wavelength_nm": 0.05})
+    assert any("wavelength_nm=0.05" in r for r in geometry_outside_card(hard_x_rays, card))
+    far = inside.__class__(**{**inside.__dict__, "distance_mm": 20000.0})
+    reasons = geometry_outside_card(far, card)
+    assert any("distance_mm=20000" in r for r in reasons)
+    assert any("sees q up to" in r for r in reasons)
