@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import os
 import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -38,8 +37,9 @@ import torch
 from torch.nn import functional as F  # noqa: N812 - as in models/train.py
 from tqdm import tqdm
 
-from ..models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from ..models.inference import Encoder, pretrained_path, resolve_device
+from ..models.checkpoint import load_checkpoint, save_checkpoint
+from ..models.inference import Encoder, resolve_device
+from ..models.loading import list_adapted, model_cache_dir, resolve_model
 from ..models.train import TrainConfig, TrainingData, _denoise_errors, _losses, autocast_dtype
 from .calibration import CalibrationConfig, calibrate_from_groups
 from .gain import GainError, GainEstimate, estimate_gain, looks_counting, to_photon_counts
@@ -124,40 +124,6 @@ class AdaptResult:
 
 
 # ------------------------------------------------------------------------------- resolver
-def model_cache_dir() -> Path:
-    """Where adapted models live by name: $GISAXS_BLUESKY_MODELS, else
-    $XDG_CACHE_HOME/gisaxs_bluesky/models, else ~/.cache/gisaxs_bluesky/models."""
-    if os.environ.get("GISAXS_BLUESKY_MODELS"):
-        return Path(os.environ["GISAXS_BLUESKY_MODELS"]).expanduser()
-    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(root).expanduser() / "gisaxs_bluesky" / "models"
-
-
-def list_adapted() -> list[str]:
-    """Names of the models in :func:`model_cache_dir`."""
-    d = model_cache_dir()
-    return sorted(p.stem for p in d.glob("*.pt")) if d.is_dir() else []
-
-
-def resolve_model(spec: str | Path | None = "pretrained") -> Path:
-    """Checkpoint path of ``spec``: "pretrained" (or None) the shipped model, an existing file
-    as it is, else a name in the user cache (``<cache>/<name>.pt``)."""
-    if spec is None or str(spec) == "pretrained":
-        return pretrained_path()
-    path = Path(spec).expanduser()
-    if path.is_file():
-        return path
-    name = str(spec)
-    if "/" not in name and os.sep not in name:
-        cached = model_cache_dir() / (name if name.endswith(".pt") else f"{name}.pt")
-        if cached.is_file():
-            return cached
-    raise CheckpointError(
-        f"model {str(spec)!r} is neither 'pretrained', a checkpoint file, nor a name in "
-        f"{model_cache_dir()} (there: {list_adapted() or 'none'})"
-    )
-
-
 def load_adapted(spec: str | Path = "pretrained", device: str | torch.device = "auto") -> Encoder:
     """Encoder of :func:`resolve_model` ``(spec)``: the shipped model, a file, or a cached name."""
     model, card, _ = load_checkpoint(resolve_model(spec))

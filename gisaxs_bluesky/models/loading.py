@@ -4,15 +4,19 @@ calibrated from a model's card, and saved binner states."""
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import torch
 
 from ..binning import OnlineBinner
+from ..runtime import cache_dir
+from .checkpoint import CheckpointError
 from .dae import GisaxsDAE
-from .inference import Encoder, load_encoder, load_pretrained
+from .inference import Encoder, load_encoder, load_pretrained, pretrained_path
 
-__all__ = ["ModelSpecError", "load_binner", "load_model", "make_binner", "read_binner_state"]
+__all__ = ["ModelSpecError", "list_adapted", "load_binner", "load_model", "make_binner",
+           "model_cache_dir", "read_binner_state", "resolve_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -24,7 +28,8 @@ class ModelSpecError(ValueError):
 
 
 def load_model(spec: str | Encoder = "pretrained", device: str = "cpu") -> Encoder:
-    """Encoder from ``spec``: an Encoder, "pretrained", "untrained[:seed]" or a checkpoint path.
+    """Encoder from ``spec``: an Encoder, "pretrained", "untrained[:seed]", a checkpoint path
+    or the name of a model in :func:`model_cache_dir` (``gisaxs-bluesky adapt --name``).
 
     Cached per process, so Dask workers load a model once.
     """
@@ -47,12 +52,46 @@ def load_model(spec: str | Encoder = "pretrained", device: str = "cpu") -> Encod
             model = GisaxsDAE()
         encoder = Encoder(model, {"name": "untrained", "version": f"seed{seed}"}, device)
     else:
-        if not Path(text).is_file():
-            raise ModelSpecError(
-                f"model {text!r}: not 'pretrained', 'untrained[:seed]' or a file")
-        encoder = load_encoder(text, device)
+        try:
+            path = resolve_model(text)
+        except CheckpointError as exc:
+            raise ModelSpecError(f"{exc} (or 'untrained[:seed]')") from None
+        encoder = load_encoder(path, device)
     _MODEL_CACHE[key] = encoder
     return encoder
+
+
+def model_cache_dir() -> Path:
+    """Where adapted models live by name: $GISAXS_BLUESKY_MODELS, else
+    $XDG_CACHE_HOME/gisaxs_bluesky/models, else ~/.cache/gisaxs_bluesky/models."""
+    if os.environ.get("GISAXS_BLUESKY_MODELS"):
+        return Path(os.environ["GISAXS_BLUESKY_MODELS"]).expanduser()
+    return cache_dir() / "models"
+
+
+def list_adapted() -> list[str]:
+    """Names of the models in :func:`model_cache_dir`."""
+    d = model_cache_dir()
+    return sorted(p.stem for p in d.glob("*.pt")) if d.is_dir() else []
+
+
+def resolve_model(spec: str | Path | None = "pretrained") -> Path:
+    """Checkpoint path of ``spec``: "pretrained" (or None) the shipped model, an existing file
+    as it is, else a name in the user cache (``<cache>/<name>.pt``)."""
+    if spec is None or str(spec) == "pretrained":
+        return pretrained_path()
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return path
+    name = str(spec)
+    if "/" not in name and os.sep not in name:
+        cached = model_cache_dir() / (name if name.endswith(".pt") else f"{name}.pt")
+        if cached.is_file():
+            return cached
+    raise CheckpointError(
+        f"model {str(spec)!r} is neither 'pretrained', a checkpoint file, nor a name in "
+        f"{model_cache_dir()} (there: {list_adapted() or 'none'})"
+    )
 
 
 def make_binner(encoder: Encoder) -> OnlineBinner:
