@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -83,9 +85,17 @@ def test_offset_from_dark_frames_and_conversion_to_counts(expected):
     counts = to_photon_counts(adu, est)
     assert counts.dtype == np.int32 and counts.min() >= 0
     valid = ~mask
-    # unbiased photons where the counts are low (a 1 % gain error is 1 % of a bright pixel)
-    low = valid & (lam < 50)
-    assert abs((counts[low] - photons[low]).mean()) < 0.05
+    # the conversion itself is unbiased where counts are low but not ~0 (at ~0 clipping at 0
+    # lifts a read noise of 0.75 photons by up to ~0.3 photons); with the estimated gain, a
+    # 1 % gain error is 1 % of each pixel (the estimate's accuracy is asserted above)
+    exact = to_photon_counts(adu, dataclasses.replace(est, gain_adu_per_photon=gain,
+                                                      offset_adu=offset))
+    low = valid & (lam > 2) & (lam < 50)
+    assert abs((exact[low] - photons[low]).mean()) < 0.05
+    zero = valid & (lam < 0.1)
+    assert 0 <= (exact[zero] - photons[zero]).mean() < 0.35
+    rel = (counts[low] - photons[low]).mean() / photons[low].mean()
+    assert abs(rel) < 0.05
     assert counts[valid].sum() == pytest.approx(photons[valid].sum(), rel=0.05)
     assert looks_counting(counts, mask)
     pair = binomial_split(counts, mask=mask, rng=0)  # now a counting frame: thinning works
