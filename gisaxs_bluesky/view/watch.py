@@ -101,6 +101,17 @@ class Watcher:
                                         daemon=True)
         self._choose_mode()
         self._thread.start()
+        # the page hears of an outage even while a request of the loop hangs in the Tiled
+        # client's retries (which last longer than a user waits)
+        threading.Thread(target=self._health, name="gisaxs-view-health", daemon=True).start()
+
+    def _health(self) -> None:
+        while not self._stop.wait(1.0):
+            if self.error is None and not tiled_reachable(self.client):
+                self.error = (f"Tiled: ConnectionError: Tiled at {self.client.context.api_uri}"
+                              " is unreachable; retrying")
+                logger.warning("view: %s", self.error)
+                self._emit("status", self.status())
 
     def stop(self) -> None:
         self._stop.set()
