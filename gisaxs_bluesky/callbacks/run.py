@@ -55,7 +55,6 @@ class RunBinning(RunFrames):
         super().__init__(start, emit=self._queue_frame, readers=readers, options=options,
                          note=self.note)
         self._put = put
-        self.start_doc = dict(start)
         # the node (worker thread only)
         self.writer: Any = None
         self.writer_failed: str | None = None
