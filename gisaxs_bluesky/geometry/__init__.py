@@ -6,7 +6,9 @@ configuration and per-event incidence readings; ``remap_table`` + ``remap`` put 
 fixed (q_z, q_par) grid whatever the instrument.
 """
 
-from .reciprocal import QGrid, RemapStats, RemapTable, pixel_q, remap, remap_table, remap_torch
+from .gather import RemapStats, remap, remap_torch
+from .qgrid import QGrid
+from .reciprocal import RemapTable, pixel_q, remap_table
 from .record import (
     DETECTORS,
     DetectorSpec,
@@ -15,14 +17,8 @@ from .record import (
     detector_spec,
     geometry_from_poni,
 )
-from .sources import (
-    START_KEY,
-    START_KEYS,
-    GeometryResolver,
-    ResolvedGeometry,
-    geometry_for_frame,
-    geometry_from_mapping,
-)
+from .mapping import START_KEY, START_KEYS, geometry_from_mapping
+from .sources import GeometryResolver, ResolvedGeometry, geometry_for_frame
 
 __all__ = [
     "DETECTORS",

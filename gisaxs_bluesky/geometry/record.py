@@ -244,7 +244,7 @@ class InstrumentGeometry:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> InstrumentGeometry:
-        from .sources import geometry_from_mapping
+        from .mapping import geometry_from_mapping  # mapping imports this module
 
         return geometry_from_mapping(d)
 

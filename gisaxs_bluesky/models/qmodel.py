@@ -50,8 +50,6 @@ def geometry_outside_card(geometry: InstrumentGeometry, card: dict) -> list[str]
     if geometry.tilt_deg and abs(geometry.tilt_deg) > 5:
         reasons.append(f"tilt_deg={geometry.tilt_deg:g}: training drew untilted detectors")
     if "min_q_reach_nm" in ranges:
-        from ..geometry import remap_table
-
         table = remap_table(geometry, grid_from_card(card))
         seen = table.valid
         grid = table.grid
