@@ -5,7 +5,14 @@ stage, so a run re-binned later produces the same columns as the live one.
 
 Rows follow :meth:`gisaxs_bluesky.store.DerivedRunWriter.append`: ``seq_num``, ``time``,
 ``latent`` (N, D), ``bin_id``, ``outlier_score``, ``is_outlier``, ``recon_error``,
-``noise_prob`` (N, K), ``structure``, ``radius_nm``, ``distance_nm`` and one column per motor.
+``noise_prob`` (N, K), ``structure``, ``radius_nm``, ``distance_nm``, ``flag`` and one column
+per motor.
+
+Geometry: every frame comes with its geometry (``geometries``: what the frame layer resolved,
+a record, or None). A q-grid model (card ``"input": "qgrid"``) remaps each frame with it; a
+frame without one gets an UNPROCESSED row whose ``flag`` names the missing key, a frame whose
+geometry lies outside the card's ranges is encoded but not binned (``bin_id`` UNBINNED_BIN,
+``is_outlier`` True, ``flag`` the reason). The pixel model does not use the geometry.
 
 Frames that cannot be encoded (wrong ndim/dtype/shape, too many NaN/inf pixels, or a model
 error for their batch) still get a row, with ``bin_id == UNPROCESSED_BIN`` (-2), NaN latent
@@ -17,14 +24,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import numpy as np
 
 from .binning import OnlineBinner
-from .derived import UNPROCESSED_BIN, DerivedSchema
+from .derived import FLAG_COLUMN, UNBINNED_BIN, UNPROCESSED_BIN, DerivedSchema
 from .models.inference import Encoder
+from .models.qmodel import QEncoder, is_qgrid_card, plain_encoder
 from .runtime import RuntimeConfig
 
 __all__ = [
@@ -114,8 +122,10 @@ class PreparedFrames:
 
     seq: np.ndarray  # seq_num of every frame given, good or not
     idx: np.ndarray  # positions (in ``seq``) of the frames that passed the checks
-    inputs: np.ndarray | None  # (len(idx), C, h, w) model input of those; None: nothing to encode
+    inputs: Any  # (len(idx), C, h, w) model input of those (numpy; q-grid on a GPU: a tensor)
     errors: list[str] = field(default_factory=list)
+    flags: dict[int, str] = field(default_factory=dict)  # position in ``seq`` -> flag
+    unbinned: set[int] = field(default_factory=set)  # positions encoded, kept out of the bins
 
 
 class BinningPipeline:
@@ -126,6 +136,9 @@ class BinningPipeline:
     :meth:`process_prepared` (model pass and binning). Binning is not thread-safe: one thread
     (the callback's worker, or replay) calls :meth:`process_prepared`, in frame order,
     because the binner's state changes as frames join bins.
+
+    ``encoder``: an :class:`Encoder`, or a :class:`QEncoder` (an Encoder whose card says
+    ``"input": "qgrid"`` is made one): then :attr:`qencoder` is set and frames need geometry.
     """
 
     def __init__(
@@ -144,7 +157,10 @@ class BinningPipeline:
                 f"binner was calibrated for model sha256={binner.model_sha256[:12]}..., "
                 f"encoder is sha256={encoder.sha256[:12]}...; use make_binner(encoder)"
             )
-        self.encoder = encoder
+        self.encoder = plain_encoder(encoder)
+        self.qencoder: QEncoder | None = (
+            encoder if isinstance(encoder, QEncoder)
+            else QEncoder(encoder) if is_qgrid_card(getattr(encoder, "card", {}) or {}) else None)
         self.binner = binner
         self.mask = mask
         self.batch_size = int(batch_size)
@@ -167,8 +183,13 @@ class BinningPipeline:
         scan_id: int | None,
         motors: Sequence[str] = (),
         extra_metadata: dict | None = None,
+        geometry: Mapping[str, Any] | None = None,
     ) -> Any:
-        """``store.open(...)`` with this pipeline's model, binner settings, latent size, noise kinds."""
+        """``store.open(...)`` with this pipeline's model, binner settings, latent size, noise
+        kinds; ``geometry`` (the run's, :func:`~gisaxs_bluesky.frames.geometry_summary`) and
+        the model's input (``pixels`` or ``qgrid``) go into the node's metadata."""
+        extra_metadata = {**(extra_metadata or {}), "geometry": geometry,
+                          "model_input": "qgrid" if self.qencoder is not None else "pixels"}
         return store.open(
             raw_uid,
             scan_id=scan_id,
@@ -189,13 +210,16 @@ class BinningPipeline:
         positions: Mapping[str, Sequence[float] | np.ndarray] | None = None,
         *,
         expected_shape: tuple[int, ...] | None = None,
+        geometries: Sequence[Any] | None = None,
     ) -> PipelineResult:
         """Encode and bin N frames (in order); one row per frame, bad frames included.
 
         ``frames`` is a sequence of arrays (None for a frame that could not be read) or an
-        (N, H, W) array; ``positions`` maps motor name -> N values (NaN where unknown).
+        (N, H, W) array; ``positions`` maps motor name -> N values (NaN where unknown);
+        ``geometries`` N geometries (see the module docstring; None: none given).
         """
-        prepared = self.prepare(frames, seq_nums, expected_shape=expected_shape)
+        prepared = self.prepare(frames, seq_nums, expected_shape=expected_shape,
+                                geometries=geometries)
         return self.process_prepared(prepared, times, positions)
 
     def prepare(
@@ -204,11 +228,14 @@ class BinningPipeline:
         seq_nums: Sequence[int] | np.ndarray,
         *,
         expected_shape: tuple[int, ...] | None = None,
+        geometries: Sequence[Any] | None = None,
     ) -> PreparedFrames:
         """Check and preprocess N frames (thread-safe: touches neither model nor binner)."""
         seq = np.asarray(seq_nums, dtype=np.int64).reshape(-1)
         if len(frames) != len(seq):
             raise ValueError(f"frames ({len(frames)}), seq_nums ({len(seq)}) differ")
+        if geometries is not None and len(geometries) != len(seq):
+            raise ValueError(f"frames ({len(seq)}), geometries ({len(geometries)}) differ")
         errors: list[str] = []
         good_idx: list[int] = []
         good_frames: list[np.ndarray] = []
@@ -234,6 +261,8 @@ class BinningPipeline:
         idx = np.asarray(good_idx, dtype=np.int64)
         if not good_idx:
             return PreparedFrames(seq, idx, None, errors)
+        if self.qencoder is not None:
+            return self._prepare_q(seq, good_idx, good_frames, geometries, errors)
         try:
             inputs = self.encoder.preprocess(good_frames, self.mask)
         except Exception as exc:  # noqa: BLE001 - e.g. a frame smaller than the model input
@@ -242,6 +271,31 @@ class BinningPipeline:
                           f"{type(exc).__name__}: {exc}")
             return PreparedFrames(seq, idx, None, errors)
         return PreparedFrames(seq, idx, inputs, errors)
+
+    def _prepare_q(self, seq: np.ndarray, good_idx: list[int], good_frames: list[np.ndarray],
+                   geometries: Sequence[Any] | None, errors: list[str]) -> PreparedFrames:
+        """q-grid input of the good frames, each with its geometry; refusals are flagged."""
+        given = [None if geometries is None else geometries[i] for i in good_idx]
+        try:
+            q = self.qencoder.prepare(good_frames, given, self.mask)
+        except Exception as exc:  # noqa: BLE001 - e.g. a remap fault: the frames get rows
+            logger.exception("q-grid preprocessing failed for %d frames", len(good_idx))
+            errors.append(f"preprocessing error for frames seq_num={seq[good_idx].tolist()}: "
+                          f"{type(exc).__name__}: {exc}")
+            return PreparedFrames(seq, np.asarray(good_idx, dtype=np.int64), None, errors)
+        flags: dict[int, str] = {}
+        for k, why in q.refused.items():
+            flags[good_idx[k]] = why
+            errors.append(f"frame seq_num={int(seq[good_idx[k]])}: {why}")
+        outside: dict[str, list[int]] = {}
+        for k, why in q.outside.items():
+            flags[good_idx[k]] = why
+            outside.setdefault(why, []).append(int(seq[good_idx[k]]))
+        for why, seqs in outside.items():
+            errors.append(f"frames seq_num={seqs}: {why}; encoded, not binned")
+        idx = np.asarray([good_idx[k] for k in q.kept], dtype=np.int64)
+        unbinned = {good_idx[k] for k in q.outside}
+        return PreparedFrames(seq, idx, q.inputs, errors, flags, unbinned)
 
     def process_prepared(
         self,
@@ -264,11 +318,14 @@ class BinningPipeline:
         rows = DerivedSchema(self.latent_dim, tuple(self.noise_kinds), tuple(pos)).empty_rows(
             seq, t, pos)
         errors = list(prepared.errors)
+        for i, why in prepared.flags.items():
+            rows[FLAG_COLUMN][i] = why
         idx = prepared.idx
-        if prepared.inputs is None:
+        if prepared.inputs is None or not len(idx):
             return PipelineResult(rows, errors)
+        model = self.qencoder if self.qencoder is not None else self.encoder
         try:
-            enc = self.encoder.encode_inputs(prepared.inputs, batch_size=self.batch_size)
+            enc = model.encode_inputs(prepared.inputs, batch_size=self.batch_size)
             if len(enc) != len(idx):
                 raise RuntimeError(f"encoder returned {len(enc)} rows for {len(idx)} frames")
         except Exception as exc:  # noqa: BLE001 - a model fault must not stop the scan
@@ -285,30 +342,28 @@ class BinningPipeline:
                 return PipelineResult(rows, errors)
             idx = idx[finite]
             enc = _select_rows(enc, finite)
-        assignment = self.binner.assign(enc.identity_latent, enc.recon_error)
         rows["latent"][idx] = enc.latent
         rows["noise_prob"][idx] = enc.noise_prob
         rows["recon_error"][idx] = enc.recon_error
-        rows["bin_id"][idx] = assignment.bin_id
-        rows["outlier_score"][idx] = assignment.outlier_score
-        rows["is_outlier"][idx] = assignment.is_outlier
+        # frames whose geometry lies outside the model card: stored, never into the bins
+        binned = np.asarray([i not in prepared.unbinned for i in idx], dtype=bool)
+        rows["bin_id"][idx[~binned]] = UNBINNED_BIN
+        rows["is_outlier"][idx[~binned]] = True
+        if binned.any():
+            kept = enc if binned.all() else _select_rows(enc, binned)
+            assignment = self.binner.assign(kept.identity_latent, kept.recon_error)
+            rows["bin_id"][idx[binned]] = assignment.bin_id
+            rows["outlier_score"][idx[binned]] = assignment.outlier_score
+            rows["is_outlier"][idx[binned]] = assignment.is_outlier
         rows["structure"][idx] = np.asarray(enc.structure, dtype=object)
         rows["radius_nm"][idx] = enc.radius_nm
         rows["distance_nm"][idx] = enc.distance_nm
         return PipelineResult(rows, errors)
 
-    def process_and_write(
-        self,
-        writer: Any,
-        frames: Sequence[Any] | np.ndarray,
-        seq_nums: Sequence[int] | np.ndarray,
-        times: Sequence[float] | np.ndarray,
-        positions: Mapping[str, Sequence[float] | np.ndarray] | None = None,
-        *,
-        expected_shape: tuple[int, ...] | None = None,
-    ) -> PipelineResult:
-        """:meth:`process`, then ``writer.append(rows)`` and ``writer.record_error`` per problem."""
-        result = self.process(frames, seq_nums, times, positions, expected_shape=expected_shape)
+    def process_and_write(self, writer: Any, *frames: Any, **options: Any) -> PipelineResult:
+        """:meth:`process` (``frames`` and ``options`` are its arguments), then
+        ``writer.append(rows)`` and ``writer.record_error`` per problem."""
+        result = self.process(*frames, **options)
         writer.append(result.rows)
         if result.errors:
             writer.record_error("; ".join(result.errors))
@@ -317,8 +372,6 @@ class BinningPipeline:
 
 def _select_rows(enc: Any, keep: np.ndarray) -> Any:
     """The rows ``keep`` of an :class:`~gisaxs_bluesky.models.inference.EncodeResult`."""
-    import dataclasses
-
-    changes = {f.name: getattr(enc, f.name)[keep] for f in dataclasses.fields(enc)
+    changes = {f.name: getattr(enc, f.name)[keep] for f in fields(enc)
                if isinstance(getattr(enc, f.name), np.ndarray)}
-    return dataclasses.replace(enc, **changes)
+    return replace(enc, **changes)

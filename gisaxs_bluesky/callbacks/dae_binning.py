@@ -31,8 +31,9 @@ import numpy as np
 from event_model import DocumentRouter, RunRouter
 
 from ..binning import OnlineBinner
-from ..frames import FrameReaders, RunFramesOptions, find_image_key, scanned_motors
+from ..frames import FrameGeometry, FrameReaders, RunFramesOptions, find_image_key, scanned_motors
 from ..models import load_binner, load_pretrained
+from ..models.qmodel import plain_encoder
 from ..pipeline import BinningPipeline
 from ..runtime import RuntimeConfig, cache_dir
 from .run import RunBinning
@@ -111,6 +112,14 @@ class DAEBinningCallback(DocumentRouter):
     ``write_lock`` held around every Tiled write (see :func:`serialized`), ``retry_interval``
     between re-sends of a finished run's local backup.
 
+    Geometry: each frame's is resolved by the frame layer
+    (:class:`~gisaxs_bluesky.frames.FrameGeometry`): ``geometry`` (an ``InstrumentGeometry``,
+    a mapping of ``gisaxs_geometry`` keys, or a PONI / JSON file path) first, then the start
+    document's ``gisaxs_geometry``, the descriptor's configuration, the incidence motor of
+    each event, and last ``geometry_fallback`` (fields the user chose to assume). A q-grid
+    encoder needs it: a frame without it gets a row flagged with the missing key; the pixel
+    model ignores it. Either way the node's metadata records the run's geometry.
+
     Raises ``CheckpointError`` here (not in the RunEngine) if no encoder is given and the
     pretrained weights are missing. Call :meth:`wait` before the process exits: the worker is
     a daemon thread.
@@ -135,12 +144,14 @@ class DAEBinningCallback(DocumentRouter):
         write_lock: Any = None,
         retry_interval: float = 5.0,
         lock_nodes: bool = True,
+        geometry: Any = None,
+        geometry_fallback: Any = None,
         **settings: Any,
     ) -> None:
         super().__init__()
         self.config = (config or RuntimeConfig()).replace(**settings)
         self.client = client
-        self.encoder = encoder if encoder is not None else load_pretrained(device)
+        self.encoder = plain_encoder(encoder) if encoder is not None else load_pretrained(device)
         threads = self.config.n_torch_threads
         if threads is not None and self.encoder.device.type == "cpu":
             import torch
@@ -158,7 +169,9 @@ class DAEBinningCallback(DocumentRouter):
         self.readers = FrameReaders(client, frame_timeout=self.config.frame_timeout,
                                     read_from_tiled=read_from_tiled,
                                     handler_registry=handler_registry)
-        self.frame_options = RunFramesOptions(image_key=image_key, stream_name=stream_name)
+        self.frame_options = RunFramesOptions(
+            image_key=image_key, stream_name=stream_name,
+            geometry=FrameGeometry(geometry, fallback=geometry_fallback))
         self.writes = WritePolicy(client, self.pipeline, self.config, write_lock=write_lock,
                                   extra_metadata=extra_metadata, binner_state_path=state_path,
                                   retry_interval=retry_interval, lock_nodes=lock_nodes)

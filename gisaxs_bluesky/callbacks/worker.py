@@ -312,7 +312,9 @@ class BinningWorker:
                 frames.append(None)
             f.data = None
         prepared = self.pipeline.prepare(frames, [it.frame.seq_num for it in items],
-                                         expected_shape=run.expected_shape)
+                                         expected_shape=run.expected_shape,
+                                         geometries=[it.frame.metadata.get("geometry")
+                                                     for it in items])
         reported = {f"frame seq_num={it.frame.seq_num}: no frame data"
                     for it, f in zip(items, frames, strict=True) if f is None}
         prepared.errors = errors + [e for e in prepared.errors if e not in reported]

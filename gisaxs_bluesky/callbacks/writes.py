@@ -132,7 +132,8 @@ class WritePolicy:
                 **self.extra_metadata,
             }
             run.writer = self.pipeline.open_writer(
-                self._store, run.uid, scan_id=run.scan_id, motors=run.motors, extra_metadata=md)
+                self._store, run.uid, scan_id=run.scan_id, motors=run.motors, extra_metadata=md,
+                geometry=run.geometry_summary)
             self._live[run.uid] = run
         except Exception as exc:  # noqa: BLE001
             run.writer_failed = f"cannot open derived node: {type(exc).__name__}: {exc}"

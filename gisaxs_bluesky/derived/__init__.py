@@ -4,7 +4,9 @@ adaptive scanning."""
 from .schema import (
     CORE_COLUMNS,
     OPTIONAL_FLOATS,
+    FLAG_COLUMN,
     SCHEMA_VERSION,
+    UNBINNED_BIN,
     UNPROCESSED_BIN,
     DerivedSchema,
     latent_column,
@@ -14,7 +16,9 @@ from .schema import (
 __all__ = [
     "CORE_COLUMNS",
     "OPTIONAL_FLOATS",
+    "FLAG_COLUMN",
     "SCHEMA_VERSION",
+    "UNBINNED_BIN",
     "UNPROCESSED_BIN",
     "DerivedSchema",
     "latent_column",

@@ -3,9 +3,16 @@
 A *row batch* is what the pipeline produces and the store writes: a mapping with
 ``seq_num``, ``time``, ``bin_id``, ``outlier_score``, ``is_outlier``, ``recon_error`` (N,),
 ``latent`` (N, D), ``noise_prob`` (N, K), ``structure``, ``radius_nm``, ``distance_nm`` (N,)
-and one (N,) float column per motor. The Tiled table holds it flat: ``latent_<i>`` and
-``noise_prob_<kind>`` columns (nodes written before schema 1.1 name the noise columns by
-index, ``noise_prob_<j>``; both read back the same).
+``flag`` (N,) str and one (N,) float column per motor. The Tiled table holds it flat:
+``latent_<i>`` and ``noise_prob_<kind>`` columns (nodes written before schema 1.1 name the
+noise columns by index, ``noise_prob_<j>``; both read back the same).
+
+``flag`` (schema 1.2) says why a frame was not binned as usual, "" when it was: a frame whose
+geometry a q-grid model needs but cannot be had (``bin_id`` UNPROCESSED_BIN, the reason
+names the missing key), or whose geometry lies outside the ranges the model's card covers
+(``bin_id`` UNBINNED_BIN, ``is_outlier`` True: encoded, its latent stored, but kept out of
+the bins; the reason names the field and the range). Nodes written before 1.2 have no
+``flag`` column; they read back with "" and are appended to without one.
 """
 
 from __future__ import annotations
@@ -19,16 +26,18 @@ import pyarrow as pa
 
 __all__ = [
     "CORE_COLUMNS",
+    "FLAG_COLUMN",
     "OPTIONAL_FLOATS",
     "SCHEMA_VERSION",
+    "UNBINNED_BIN",
     "UNPROCESSED_BIN",
     "DerivedSchema",
     "latent_column",
     "noise_column",
 ]
 
-#: version of the table layout (1.1: noise columns named by kind)
-SCHEMA_VERSION = "1.1"
+#: version of the table layout (1.1: noise columns named by kind; 1.2: the ``flag`` column)
+SCHEMA_VERSION = "1.2"
 #: spec of a derived node (a container beside the raw run) and of its layout
 DERIVED_SPEC = "GISAXSDerived"
 DERIVED_SPEC_VERSION = SCHEMA_VERSION
@@ -41,6 +50,11 @@ MAX_ERRORS = 50
 MAX_ERROR_CHARS = 2000
 #: bin id of frames that were not encoded (bad frame or model failure; see the node's errors)
 UNPROCESSED_BIN = -2
+#: bin id of frames encoded but kept out of the bins (their ``flag`` says why: a geometry
+#: outside the model card's ranges)
+UNBINNED_BIN = -3
+#: the column that says why a frame was not binned as usual ("" when it was)
+FLAG_COLUMN = "flag"
 
 # column name -> (arrow type, numpy dtype, allowed numpy kinds)
 CORE_COLUMNS: dict[str, tuple[pa.DataType, str, str]] = {
@@ -52,7 +66,8 @@ CORE_COLUMNS: dict[str, tuple[pa.DataType, str, str]] = {
     "recon_error": (pa.float32(), "float32", "iuf"),
 }
 OPTIONAL_FLOATS = ("radius_nm", "distance_nm")
-_RESERVED = set(CORE_COLUMNS) | {"latent", "noise_prob", "structure", *OPTIONAL_FLOATS}
+_RESERVED = set(CORE_COLUMNS) | {"latent", "noise_prob", "structure", FLAG_COLUMN,
+                                 *OPTIONAL_FLOATS}
 
 
 def latent_column(i: int) -> str:
@@ -68,13 +83,15 @@ class DerivedSchema:
     """Column layout of one derived node: latent width, noise kinds, motors.
 
     ``noise_by_index``: the noise columns of a node written before schema 1.1
-    (``noise_prob_0`` ...), kept when such a node is appended to.
+    (``noise_prob_0`` ...), kept when such a node is appended to; ``has_flag`` False: a node
+    written before 1.2, without the ``flag`` column.
     """
 
     latent_dim: int
     noise_kinds: tuple[str, ...]
     motors: tuple[str, ...] = ()
     noise_by_index: bool = False
+    has_flag: bool = True
 
     def __post_init__(self) -> None:
         if int(self.latent_dim) < 1:
@@ -93,18 +110,21 @@ class DerivedSchema:
     @classmethod
     def for_table(cls, latent_dim: int, noise_kinds: Sequence[str], motors: Sequence[str],
                   columns: Sequence[str]) -> DerivedSchema:
-        """The schema of an existing table with these ``columns`` (old or new noise names)."""
+        """The schema of an existing table with these ``columns`` (old or new noise names,
+        with or without ``flag``)."""
         by_index = bool(noise_kinds) and noise_column(str(noise_kinds[0])) not in columns \
             and "noise_prob_0" in columns
-        return cls(latent_dim, tuple(noise_kinds), tuple(motors), noise_by_index=by_index)
+        return cls(latent_dim, tuple(noise_kinds), tuple(motors), noise_by_index=by_index,
+                   has_flag=FLAG_COLUMN in columns)
 
     @classmethod
     def from_metadata(cls, md: Mapping[str, Any]) -> DerivedSchema:
         """The schema of a derived node from its metadata (``schema_version`` absent: written
         before 1.1, noise columns by index)."""
         latent_dim = int(md.get("latent_dim") or 1)
+        version = md.get("schema_version")
         return cls(latent_dim, tuple(md.get("noise_kinds") or ()), tuple(md.get("motors") or ()),
-                   noise_by_index=md.get("schema_version") is None)
+                   noise_by_index=version is None, has_flag=version not in (None, "1.0", "1.1"))
 
     # ------------------------------------------------------------------------- columns
     @property
@@ -124,6 +144,8 @@ class DerivedSchema:
         fields += [(c, pa.float32()) for c in self.noise_columns]
         fields += [("structure", pa.string())]
         fields += [(c, pa.float64()) for c in OPTIONAL_FLOATS]
+        if self.has_flag:
+            fields += [(FLAG_COLUMN, pa.string())]
         fields += [(m, pa.float64()) for m in self.motors]
         return pa.schema(fields)
 
@@ -145,6 +167,7 @@ class DerivedSchema:
             "structure": np.full(n, "", dtype=object),
             "radius_nm": np.full(n, np.nan),
             "distance_nm": np.full(n, np.nan),
+            FLAG_COLUMN: np.full(n, "", dtype=object),
         }
         positions = positions or {}
         for m in self.motors:
@@ -213,6 +236,14 @@ class DerivedSchema:
                 out[name] = a.astype("float64")
             else:
                 out[name] = np.full(n, np.nan)
+        if self.has_flag:  # a node written before 1.2 has no column for it: not stored there
+            if rows.get(FLAG_COLUMN) is not None:
+                f = arr(FLAG_COLUMN, 1)
+                if f.dtype.kind not in "UO":
+                    raise ValueError(f"column {FLAG_COLUMN!r}: dtype {f.dtype} must be str")
+                out[FLAG_COLUMN] = np.array(["" if v is None else str(v) for v in f], dtype=str)
+            else:
+                out[FLAG_COLUMN] = np.full(n, "", dtype=str)
         for m in self.motors:
             a = arr(m, 1)
             check_kind(m, a, "iuf")
@@ -243,4 +274,6 @@ class DerivedSchema:
         rows["structure"] = structure
         for name in (*OPTIONAL_FLOATS, *self.motors):
             rows[name] = df[name].to_numpy("float64")
+        rows[FLAG_COLUMN] = (df[FLAG_COLUMN].fillna("").astype(str).to_numpy(object)
+                             if FLAG_COLUMN in df.columns else np.full(n, "", dtype=object))
         return rows

@@ -6,25 +6,30 @@ encoder): :class:`RunFrames` routes one run's documents (inline event data, HDF5
 through :class:`event_model.Filler`'s handler registry, or the frames TiledWriter stored) and
 hands each frame to its consumer as a :class:`FrameRef`: the pixels (copied) or a loader, the
 seq_num, time, motor positions and a per-frame metadata record (stream, image key, source, and
-the frame's geometry where a resolver gives one).
+the frame's geometry: :class:`FrameGeometry` resolves it per run and event).
 """
 
 from .errors import FrameSourceError
+from .geometry import FrameGeometry, GeometryUnavailable, geometry_summary, user_geometry
 from .readers import FrameReaders, TiledFrameLoader
 from .record import FrameRef, as_float, find_image_key, image_shape, scanned_motors
 from .router import RunFrames, RunFramesOptions
 from .uri import uri_to_path
 
 __all__ = [
+    "FrameGeometry",
     "FrameReaders",
     "FrameRef",
     "FrameSourceError",
+    "GeometryUnavailable",
     "RunFrames",
     "RunFramesOptions",
     "TiledFrameLoader",
     "as_float",
     "find_image_key",
+    "geometry_summary",
     "image_shape",
     "scanned_motors",
     "uri_to_path",
+    "user_geometry",
 ]

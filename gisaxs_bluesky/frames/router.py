@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 from event_model import DocumentRouter, Filler, unpack_event_page
 
+from .geometry import geometry_summary
 from .readers import FrameReaders
 from .record import FrameRef, as_float, find_image_key, image_shape, scanned_motors
 
@@ -84,6 +85,9 @@ class RunFrames(DocumentRouter):
         self._seen: set[tuple[str, int]] = set()
         self.paths: set[str] = set()  # files this run reads (released when it is done)
         self.n_frames = 0
+        # the first frame's geometry, as the derived node's metadata records it (None: the
+        # frames carry none)
+        self.geometry_summary: dict | None = None
         self._starts_seen = 0
         self.stop_doc: dict | None = None
 
@@ -112,6 +116,8 @@ class RunFrames(DocumentRouter):
             md["geometry"] = resolver(self.start_doc, stream.descriptor, event)
         except Exception as exc:  # noqa: BLE001 - named on the frame's row, run goes on
             return md, f"frame seq_num={event.get('seq_num')}: geometry: {exc}"
+        if self.geometry_summary is None:
+            self.geometry_summary = geometry_summary(md["geometry"])
         return md, None
 
     # ----------------------------------------------------------------------------- documents

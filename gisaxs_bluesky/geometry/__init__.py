@@ -18,7 +18,7 @@ from .record import (
     geometry_from_poni,
 )
 from .mapping import START_KEY, START_KEYS, geometry_from_mapping
-from .sources import GeometryResolver, ResolvedGeometry, geometry_for_frame
+from .sources import GeometryResolver, GeometryUnavailable, ResolvedGeometry, geometry_for_frame
 
 __all__ = [
     "DETECTORS",
@@ -27,6 +27,7 @@ __all__ = [
     "DetectorSpec",
     "GeometryError",
     "GeometryResolver",
+    "GeometryUnavailable",
     "InstrumentGeometry",
     "QGrid",
     "RemapStats",

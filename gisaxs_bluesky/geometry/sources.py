@@ -43,10 +43,19 @@ __all__ = [
     "START_KEY",
     "START_KEYS",
     "GeometryResolver",
+    "GeometryUnavailable",
     "ResolvedGeometry",
     "geometry_for_frame",
     "geometry_from_mapping",
 ]
+
+
+@dataclass(frozen=True)
+class GeometryUnavailable:
+    """A frame without a usable geometry, and why (the message names the missing key): what
+    the frame layer hands on instead of raising, so a model that needs no geometry goes on."""
+
+    reason: str
 
 
 @dataclass(frozen=True)

@@ -10,16 +10,32 @@ runs the same DAE as the pixel model. The pixel model (:class:`Encoder`) is unch
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 
-from ..geometry import InstrumentGeometry, QGrid, remap, remap_table, remap_torch
+from ..geometry import (
+    GeometryError,
+    GeometryUnavailable,
+    InstrumentGeometry,
+    QGrid,
+    ResolvedGeometry,
+    remap,
+    remap_table,
+    remap_torch,
+)
 from .inference import EncodeResult, Encoder, load_encoder, recon_error
 from .preprocess import q_inputs
 
-__all__ = ["QEncoder", "geometry_outside_card", "grid_from_card", "is_qgrid_card",
-           "load_qencoder"]
+__all__ = ["QEncoder", "QPrepared", "frame_geometry", "geometry_outside_card",
+           "grid_from_card", "is_qgrid_card", "load_qencoder", "plain_encoder"]
+
+#: what a frame's row says when a q-grid model gets it without any geometry
+NO_GEOMETRY = ("no geometry given; a q-grid model needs the frame's geometry: pass geometry= "
+               "(a record, a mapping or a PONI path; --geometry / --poni on the command line) "
+               "or put gisaxs_geometry in the run's start document")
 
 
 def is_qgrid_card(card: dict) -> bool:
@@ -62,13 +78,107 @@ def geometry_outside_card(geometry: InstrumentGeometry, card: dict) -> list[str]
     return reasons
 
 
+def frame_geometry(value: Any) -> tuple[InstrumentGeometry | None, str | None]:
+    """A frame's geometry as the frame layer hands it on (a record, a ``ResolvedGeometry``, a
+    ``GeometryUnavailable`` or None) -> (record, None), or (None, why there is none)."""
+    if isinstance(value, ResolvedGeometry):
+        return value.geometry, None
+    if isinstance(value, InstrumentGeometry):
+        return value, None
+    if isinstance(value, GeometryUnavailable):
+        return None, value.reason
+    if value is None:
+        return None, NO_GEOMETRY
+    return None, f"not a geometry: {type(value).__name__}"
+
+
+def plain_encoder(encoder: Any) -> Encoder:
+    """The :class:`Encoder` inside a :class:`QEncoder` (an Encoder as it is)."""
+    return encoder.encoder if isinstance(encoder, QEncoder) else encoder
+
+
+@dataclass
+class QPrepared:
+    """Frames made q-grid input by :meth:`QEncoder.prepare`: ``inputs`` of the frames at
+    ``kept`` (positions in the list given, in order); ``refused`` position -> why the frame
+    has no input (no geometry, the key named); ``outside`` position -> why a kept frame's
+    geometry lies outside the card's ranges (encoded, not to be binned)."""
+
+    inputs: Any
+    kept: list[int]
+    refused: dict[int, str] = field(default_factory=dict)
+    outside: dict[int, str] = field(default_factory=dict)
+
+
 class QEncoder:
     """A q-grid DAE: ``encode(frames, geometry)`` for frames of one geometry, or
-    ``encode_frames(frames, geometries)`` for frames each with its own (a theta scan)."""
+    ``encode_frames(frames, geometries)`` for frames each with its own (a theta scan).
+
+    Other attributes (``name``, ``sha256``, ``info()``, ``latent_dim``...) are the wrapped
+    :class:`Encoder`'s, so it goes wherever an Encoder goes."""
 
     def __init__(self, encoder: Encoder) -> None:
         self.encoder = encoder
         self.grid = grid_from_card(encoder.card)
+        self._outside: dict[tuple, list[str]] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "encoder":  # not set yet (unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.encoder, name)
+
+    def outside_card(self, geometry: InstrumentGeometry) -> list[str]:
+        """:func:`geometry_outside_card` of this model, cached per geometry."""
+        key = geometry.key()
+        if key not in self._outside:
+            self._outside[key] = geometry_outside_card(geometry, self.encoder.card)
+        return self._outside[key]
+
+    def prepare(self, frames: Sequence[np.ndarray], geometries: Sequence[Any],
+                mask: np.ndarray | None = None) -> QPrepared:
+        """Each frame remapped with its own geometry (frames of one geometry together); a
+        frame without one is refused with the reason, never given a default."""
+        if len(frames) != len(geometries):
+            raise ValueError(f"{len(frames)} frames but {len(geometries)} geometries")
+        refused: dict[int, str] = {}
+        outside: dict[int, str] = {}
+        groups: dict[tuple, tuple[InstrumentGeometry, list[int]]] = {}
+        for i, value in enumerate(geometries):
+            geometry, why = frame_geometry(value)
+            if geometry is None:
+                refused[i] = f"geometry: {why}"
+                continue
+            groups.setdefault(geometry.key(), (geometry, []))[1].append(i)
+        parts, order = [], []
+        for geometry, members in groups.values():
+            try:
+                parts.append(self.inputs(np.stack([frames[i] for i in members]), geometry,
+                                         mask))
+            except (GeometryError, ValueError) as exc:
+                refused.update({i: f"geometry: {exc}" for i in members})
+                continue
+            order += members
+            reasons = self.outside_card(geometry)
+            if reasons:
+                outside.update({i: "geometry outside the model card: " + "; ".join(reasons)
+                                for i in members})
+        kept = sorted(order)
+        if not parts:
+            return QPrepared(None, [], refused, outside)
+        # back to frame order: the binner takes frames in the order they came
+        where = np.argsort(np.asarray(order))
+        if isinstance(parts[0], np.ndarray):
+            inputs = np.concatenate(parts)[where]
+        else:
+            inputs = torch.cat(parts)[torch.as_tensor(where, device=parts[0].device)]
+        return QPrepared(inputs, kept, refused, outside)
+
+    def encode_inputs(self, x, *, batch_size: int = 64) -> EncodeResult:
+        """Encode prepared (N, 8, n_q_z, n_q_par) inputs (numpy, or a tensor on the GPU)."""
+        if len(x) == 0:
+            raise ValueError("inputs are empty: nothing to encode")
+        return self.encoder._result([self._forward(x[s : s + batch_size])
+                                     for s in range(0, len(x), batch_size)])
 
     @property
     def device(self) -> torch.device:

@@ -57,3 +57,26 @@ def test_errors_name_the_column():
         DerivedSchema(4, (), ("bin_id",))
     with pytest.raises(ValueError, match="noise_kinds must be unique"):
         DerivedSchema(4, ("a", "a"))
+
+
+def test_flag_column_round_trips_and_nodes_before_1_2_read_and_append_without_it():
+    from gisaxs_bluesky.derived import FLAG_COLUMN, SCHEMA_VERSION, UNBINNED_BIN
+
+    assert SCHEMA_VERSION == "1.2" and UNBINNED_BIN == -3
+    schema = DerivedSchema(4, ("poisson",), ("x",))
+    assert schema.arrow_schema().names[-2:] == [FLAG_COLUMN, "x"]
+    r = rows(schema)
+    assert r[FLAG_COLUMN].tolist() == ["", "", ""]
+    r[FLAG_COLUMN][2] = "geometry: distance_mm missing"
+    back = schema.rows_from_table(schema.to_arrow(schema.validate(r)[0]).to_pandas())
+    assert back[FLAG_COLUMN].tolist() == ["geometry: distance_mm missing", "", ""]  # seq order
+    # a 1.1 table: no flag column, rows still append (without it) and read back with ""
+    old = DerivedSchema.for_table(4, ["poisson"], ["x"], ["seq_num", "noise_prob_poisson", "x"])
+    assert not old.has_flag and FLAG_COLUMN not in old.arrow_schema().names
+    cols, _ = old.validate(r)
+    assert FLAG_COLUMN not in cols
+    assert old.rows_from_table(old.to_arrow(cols).to_pandas())[FLAG_COLUMN].tolist() == [""] * 3
+    assert not DerivedSchema.from_metadata({"latent_dim": 4, "schema_version": "1.1"}).has_flag
+    assert DerivedSchema.from_metadata({"latent_dim": 4, "schema_version": "1.2"}).has_flag
+    with pytest.raises(ValueError, match="motor name 'flag' collides"):
+        DerivedSchema(4, (), ("flag",))

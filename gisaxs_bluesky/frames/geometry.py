@@ -1,0 +1,119 @@
+"""The geometry of every frame, as the frame layer hands it on (``FrameRef.metadata["geometry"]``).
+
+:class:`FrameGeometry` is the resolver a consumer puts in
+:attr:`~gisaxs_bluesky.frames.RunFramesOptions.geometry`: per run and descriptor one
+:class:`~gisaxs_bluesky.geometry.GeometryResolver` (explicit argument, PONI, the start
+document's ``gisaxs_geometry``, the descriptor's configuration, the user's fallback), then per
+event the incidence motor's reading. A frame whose geometry cannot be had carries a
+:class:`GeometryUnavailable` with the reason (naming the key), never a silent default: the
+pixel model does not need a geometry, a q-grid model refuses the frame with that reason.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from ..geometry import (
+    START_KEY,
+    GeometryError,
+    GeometryResolver,
+    GeometryUnavailable,
+    InstrumentGeometry,
+    ResolvedGeometry,
+)
+
+__all__ = ["FrameGeometry", "GeometryUnavailable", "geometry_summary", "user_geometry"]
+
+#: resolvers kept per (run, descriptor): a callback sees one run at a time, replay one per run
+_CACHE_SIZE = 8
+
+
+def user_geometry(value: Any) -> InstrumentGeometry | dict | None:
+    """What a user gives as ``geometry=`` (or ``--geometry`` / ``--poni``): a record, a
+    mapping of ``gisaxs_geometry`` keys, a pyFAI PONI path (``.poni``) or a JSON file of such
+    a mapping. Returns a record or a mapping for :class:`GeometryResolver`."""
+    if value is None or isinstance(value, InstrumentGeometry):
+        return value
+    if isinstance(value, Mapping):
+        return dict(value)
+    if isinstance(value, str | os.PathLike):
+        path = Path(value)
+        if path.suffix.lower() == ".json":
+            try:
+                loaded = json.loads(path.read_text())
+            except (OSError, ValueError) as exc:
+                raise GeometryError(f"geometry file {path}: {exc}") from None
+            if not isinstance(loaded, Mapping):
+                raise GeometryError(f"geometry file {path}: holds {type(loaded).__name__}, "
+                                    "expected a mapping of gisaxs_geometry keys")
+            return dict(loaded)
+        if not path.is_file():
+            raise GeometryError(f"geometry {str(value)!r}: no such PONI file")
+        return {"poni": str(path)}
+    raise GeometryError(f"geometry={value!r}: expected an InstrumentGeometry, a mapping of "
+                        f"{START_KEY} keys, or the path of a PONI / JSON file")
+
+
+class FrameGeometry:
+    """``(start, descriptor, event) -> ResolvedGeometry | GeometryUnavailable`` for the frame
+    layer; ``explicit`` and ``fallback`` as :func:`user_geometry` takes them. Never raises: a
+    run whose geometry cannot be had hands its frames a :class:`GeometryUnavailable`."""
+
+    def __init__(self, explicit: Any = None, *, fallback: Any = None) -> None:
+        self.explicit = user_geometry(explicit)
+        self.fallback = user_geometry(fallback)
+        if isinstance(self.fallback, dict) and "poni" in self.fallback:
+            raise GeometryError("geometry_fallback: a PONI file is a calibration; give it as "
+                                "geometry=, the fallback holds fields to assume")
+        self._lock = threading.Lock()
+        self._resolvers: OrderedDict[tuple[str, str], GeometryResolver | GeometryUnavailable] \
+            = OrderedDict()
+
+    def resolver(self, start: Mapping[str, Any], descriptor: Mapping[str, Any] | None
+                 ) -> GeometryResolver | GeometryUnavailable:
+        """The run's resolver for frames of ``descriptor`` (built once, kept)."""
+        key = (str(start.get("uid")), str((descriptor or {}).get("uid")))
+        with self._lock:
+            found = self._resolvers.get(key)
+            if found is not None:
+                self._resolvers.move_to_end(key)
+                return found
+        try:
+            found = GeometryResolver(start, descriptor, self.explicit, fallback=self.fallback)
+        except GeometryError as exc:
+            found = GeometryUnavailable(str(exc))
+        with self._lock:
+            self._resolvers[key] = found
+            while len(self._resolvers) > _CACHE_SIZE:
+                self._resolvers.popitem(last=False)
+        return found
+
+    def __call__(self, start: Mapping[str, Any], descriptor: Mapping[str, Any] | None,
+                 event: Mapping[str, Any] | None) -> ResolvedGeometry | GeometryUnavailable:
+        resolver = self.resolver(start, descriptor)
+        if isinstance(resolver, GeometryUnavailable):
+            return resolver
+        try:
+            return resolver.for_event((event or {}).get("data"))
+        except GeometryError as exc:
+            return GeometryUnavailable(str(exc))
+
+
+def geometry_summary(value: Any) -> dict | None:
+    """What a derived node's metadata records of a frame's geometry: the record and where each
+    field came from (``incidence_deg`` ``"event <key>"`` in a theta scan), or why none."""
+    if value is None:
+        return None
+    if isinstance(value, GeometryUnavailable):
+        return {"unavailable": value.reason}
+    if isinstance(value, ResolvedGeometry):
+        return {"record": value.geometry.to_dict(), "sources": dict(value.sources)}
+    if isinstance(value, InstrumentGeometry):
+        return {"record": value.to_dict(), "sources": {"*": "explicit"}}
+    return {"unavailable": f"not a geometry: {type(value).__name__}"}
