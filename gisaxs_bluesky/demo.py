@@ -5,7 +5,8 @@ writable file + SQLite table storage) and served in-process (``Context.from_app`
 RunEngine scans the simulated Pilatus 1M over ``sample_x`` (0-40 mm: regions A-D and a
 defect at 24.5-26 mm) with ``TiledWriter(batch_size=1)`` and ``DAEBinningCallback``
 subscribed, prints bins and outliers, the query that finds them, and writes
-``WORKDIR/report.html`` with PNGs.
+``WORKDIR/report.html`` with PNGs. The start document carries the simulated instrument's
+geometry (``gisaxs_geometry``), as a beamline's would.
 """
 
 from __future__ import annotations
@@ -138,7 +139,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"model: {encoder.info()}  device: {encoder.device}  trained: {trained}")
     print(f"scanning {args.points} points of {scene.motor} over {lo:g}-{hi:g} mm ...")
     t_scan = time.perf_counter()
-    (uid,) = RE(bp.list_scan([detector], sample_x, positions.tolist()))
+    # the simulated instrument's geometry travels with the run (what a beamline would put in
+    # its start documents; a q-grid model reads it, the pixel model records it)
+    md = {"gisaxs_geometry": scene.geometry.instrument().to_dict()}
+    (uid,) = RE(bp.list_scan([detector], sample_x, positions.tolist(), md=md))
     scan_s = time.perf_counter() - t_scan
     if not callback.wait(300):
         print("binning did not finish within 300 s")

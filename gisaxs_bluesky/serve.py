@@ -36,6 +36,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .callbacks import DAEBinningCallback
+from .frames import add_geometry_arguments, geometry_from_args
 from .models import load_model
 from .replay import ReplayError, connect
 from .runtime import RuntimeConfig, add_runtime_arguments
@@ -188,6 +189,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "an image)")
     parser.add_argument("--binner-state", default=None,
                         help="binner state file (default: per-user cache, persists bins)")
+    add_geometry_arguments(parser)
     add_runtime_arguments(parser)
 
 
@@ -201,7 +203,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         client = connect(uri, api_key)
         config = RuntimeConfig.from_args(args)
-        kwargs: dict[str, Any] = {"config": config}
+        geometry, fallback = geometry_from_args(args)
+        kwargs: dict[str, Any] = {"config": config, "geometry": geometry,
+                                  "geometry_fallback": fallback}
         for name, value in (("image_key", args.image_key), ("stream_name", args.stream),
                             ("binner_state_path", args.binner_state)):
             if value is not None:

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from .frames import FrameGeometry, geometry_from_args, geometry_summary, stream_descriptor
 from .runtime import DEFAULT_ROOT, RuntimeConfig
 
 __all__ = ["TiledStreamConsumer", "add_arguments", "run"]
@@ -63,6 +64,9 @@ class _Follow:
         self.shape: tuple[int, ...] | None = None
         self.finished = False
         self.subs: list[Any] = []
+        self.start: dict = {}
+        self.descriptor: dict = {}
+        self.geometry_recorded = False
 
 
 class TiledStreamConsumer:
@@ -87,6 +91,8 @@ class TiledStreamConsumer:
         poll_interval_s: float = 1.0,
         existing: bool = False,
         derived_client: Any = None,
+        geometry: Any = None,
+        geometry_fallback: Any = None,
     ) -> None:
         from .models import make_binner
         from .pipeline import BinningPipeline
@@ -104,6 +110,8 @@ class TiledStreamConsumer:
         self.poll_interval_s = float(poll_interval_s)
         self.pipeline = BinningPipeline(encoder, binner or make_binner(encoder),
                                         batch_size=batch_size)
+        # each frame's geometry, as the frame layer resolves it (DAEBinningCallback(geometry=))
+        self.geometry = FrameGeometry(geometry, fallback=geometry_fallback)
         # runs are read from ``client``; derived nodes go to ``derived_client`` (default: same)
         self.store = DerivedStore(derived_client or client, root=root, backup_dir=backup_dir)
         self.follows: dict[str, _Follow] = {}
@@ -264,7 +272,8 @@ class TiledStreamConsumer:
         if follow.image_key not in keys or "seq_num" not in keys:
             return self._maybe_finish(follow, run, available=0)
         if follow.writer is None:
-            start = dict(run.metadata.get("start", {}))
+            start = follow.start = dict(run.metadata.get("start", {}))
+            follow.descriptor = stream_descriptor(self.stream, stream.metadata)
             from .callbacks.dae_binning import scanned_motors
 
             follow.writer = self.pipeline.open_writer(
@@ -274,7 +283,9 @@ class TiledStreamConsumer:
                                 "raw_start_time": start.get("time"),
                                 "producer": "gisaxs_bluesky.tiled_stream"})
             follow.done = set(follow.writer.stored_seq_nums)
-        events = self._events(stream, keys, follow.writer.layout.motors)
+        incidence = self.geometry.incidence_key(follow.start, follow.descriptor)
+        events = self._events(stream, keys, [*follow.writer.layout.motors, *(
+            [incidence] if incidence and incidence not in follow.writer.layout.motors else [])])
         image = stream[follow.image_key]
         seq = events["seq_num"].to_numpy(np.int64)
         n = int(min(len(seq), image.shape[0]))
@@ -312,11 +323,16 @@ class TiledStreamConsumer:
         idx = np.asarray(todo)
         frames = [block[i - lo] for i in idx]
         rows = events.iloc[idx]
+        geometries = self.geometry.for_readings(follow.start, follow.descriptor, {
+            c: rows[c].to_numpy(np.float64) for c in rows.columns}, len(rows))
+        if not follow.geometry_recorded:  # the node records the run's geometry
+            follow.writer.update_metadata(geometry=geometry_summary(geometries[0]))
+            follow.geometry_recorded = True
         result = self.pipeline.process_and_write(
             follow.writer, frames, rows["seq_num"].to_numpy(np.int64),
             rows["time"].to_numpy(np.float64),
             {m: rows[m].to_numpy(np.float64) for m in follow.writer.layout.motors},
-            expected_shape=follow.shape)
+            expected_shape=follow.shape, geometries=geometries)
         follow.shape = follow.shape or np.asarray(frames[0]).shape[-2:]
         follow.done.update(int(s) for s in rows["seq_num"])
         for e in result.errors:
@@ -376,13 +392,14 @@ def run(args: argparse.Namespace) -> int:
     api_key = args.api_key or os.environ.get("TILED_API_KEY")
     config = RuntimeConfig.from_args(args)
     try:
+        geometry, fallback = geometry_from_args(args)
         client = connect(args.tiled_stream, api_key)
         target = connect(args.tiled_uri, api_key) if args.tiled_uri else None
         consumer = TiledStreamConsumer(
             client, load_model(args.model, args.device), derived_client=target,
             root=config.root, stream=args.stream or "primary", image_key=args.image_key,
             batch_size=config.batch_size, backup_dir=config.backup_dir, mode=args.mode,
-            existing=args.existing)
+            existing=args.existing, geometry=geometry, geometry_fallback=fallback)
         consumer.start()
     except Exception as exc:  # noqa: BLE001 - unreachable Tiled, bad key, missing weights
         print(f"error: {exc}", file=sys.stderr)

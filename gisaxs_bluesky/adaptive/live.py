@@ -23,7 +23,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 from event_model import RunRouter
 
-from ..frames import FrameReaders, FrameRef, RunFrames, RunFramesOptions
+from ..frames import FrameGeometry, FrameReaders, FrameRef, RunFrames, RunFramesOptions
 from ..pipeline import BinningPipeline
 from ..runtime import DEFAULT_ROOT
 from .results import ScanResults
@@ -57,7 +57,9 @@ class LiveEncoder:
     RunFrames`, the live callback's too); ``motors`` are the event readings recorded as
     positions. ``store`` (a :class:`gisaxs_bluesky.store.DerivedStore`) also writes the rows
     to Tiled, in the same layout as the DAE binning callback. A frame that cannot be read or
-    encoded gets an unprocessed row, and the reason is kept in :attr:`errors`.
+    encoded gets an unprocessed row, and the reason is kept in :attr:`errors`. Each frame's
+    geometry (``geometry`` / ``geometry_fallback`` as for the live callback, then the run's
+    ``gisaxs_geometry`` and incidence motor) goes to the encoder; a q-grid encoder needs it.
     """
 
     def __init__(
@@ -68,6 +70,8 @@ class LiveEncoder:
         motors: Sequence[str] = ("sample_x",),
         binner: Any = None,
         store: Any = None,
+        geometry: Any = None,
+        geometry_fallback: Any = None,
     ) -> None:
         from ..models import make_binner
 
@@ -82,9 +86,13 @@ class LiveEncoder:
         self._queue: queue.Queue = queue.Queue()
         self._rows: dict[str, list[dict]] = {}  # run uid -> rows
         self._starts: dict[str, dict] = {}
+        self._runs: dict[str, RunFrames] = {}
         self._writers: dict[str, Any] = {}
         self._readers = FrameReaders(frame_timeout=10.0)
-        self._options = RunFramesOptions(image_key=detector, motors=self.motors)
+        # each frame's geometry (a q-grid encoder needs it), as DAEBinningCallback(geometry=)
+        self._options = RunFramesOptions(
+            image_key=detector, motors=self.motors,
+            geometry=FrameGeometry(geometry, fallback=geometry_fallback))
         self._router = RunRouter([self._factory])
         self._thread = threading.Thread(target=self._work, name="gisaxs-live-encoder",
                                         daemon=True)
@@ -104,6 +112,8 @@ class LiveEncoder:
             self._rows.setdefault(start["uid"], [])
         run = RunFrames(start, emit=self._queue.put, readers=self._readers,
                         options=self._options, note=self.errors.append)
+        with self._lock:
+            self._runs[start["uid"]] = run
 
         def on_stop(doc_name: str, doc: dict) -> None:
             if doc_name == "stop":
@@ -139,7 +149,8 @@ class LiveEncoder:
                           f"{type(exc).__name__}: {exc}")
         result = self.pipeline.process(
             [pixels], [frame.seq_num], [frame.time],
-            {m: [frame.positions.get(m, np.nan)] for m in self.motors})
+            {m: [frame.positions.get(m, np.nan)] for m in self.motors},
+            geometries=[frame.metadata.get("geometry")])
         self.errors += errors + [e for e in result.errors if not errors]
         row = {k: v[0] for k, v in result.rows.items()}
         with self._lock:
@@ -151,13 +162,17 @@ class LiveEncoder:
         writer = self._writers.get(run)
         if writer is None:
             start = self._starts.get(run, {})
+            frames = self._runs.get(run)
             writer = self._writers[run] = self.pipeline.open_writer(
                 self.store, run, scan_id=start.get("scan_id"), motors=list(self.motors),
-                extra_metadata={"writer": "gisaxs_bluesky.adaptive.LiveEncoder"})
+                extra_metadata={"writer": "gisaxs_bluesky.adaptive.LiveEncoder"},
+                geometry=None if frames is None else frames.geometry_summary)
         return writer
 
     def _finish(self, end: _RunEnd) -> None:
         end.run.release()
+        with self._lock:
+            self._runs.pop(end.run.uid, None)
         writer = self._writers.pop(end.run.uid, None)
         if writer is not None:
             status = "complete" if end.stop.get("exit_status") == "success" else "failed"

@@ -10,7 +10,15 @@ the frame's geometry: :class:`FrameGeometry` resolves it per run and event).
 """
 
 from .errors import FrameSourceError
-from .geometry import FrameGeometry, GeometryUnavailable, geometry_summary, user_geometry
+from .geometry import (
+    FrameGeometry,
+    GeometryUnavailable,
+    add_geometry_arguments,
+    geometry_from_args,
+    geometry_summary,
+    stream_descriptor,
+    user_geometry,
+)
 from .readers import FrameReaders, TiledFrameLoader
 from .record import FrameRef, as_float, find_image_key, image_shape, scanned_motors
 from .router import RunFrames, RunFramesOptions
@@ -25,11 +33,14 @@ __all__ = [
     "RunFrames",
     "RunFramesOptions",
     "TiledFrameLoader",
+    "add_geometry_arguments",
     "as_float",
     "find_image_key",
+    "geometry_from_args",
     "geometry_summary",
     "image_shape",
     "scanned_motors",
+    "stream_descriptor",
     "uri_to_path",
     "user_geometry",
 ]

@@ -11,6 +11,7 @@ pixel model does not need a geometry, a q-grid model refuses the frame with that
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import threading
@@ -28,7 +29,8 @@ from ..geometry import (
     ResolvedGeometry,
 )
 
-__all__ = ["FrameGeometry", "GeometryUnavailable", "geometry_summary", "user_geometry"]
+__all__ = ["FrameGeometry", "GeometryUnavailable", "add_geometry_arguments", "geometry_from_args",
+           "geometry_summary", "stream_descriptor", "user_geometry"]
 
 #: resolvers kept per (run, descriptor): a callback sees one run at a time, replay one per run
 _CACHE_SIZE = 8
@@ -94,6 +96,23 @@ class FrameGeometry:
                 self._resolvers.popitem(last=False)
         return found
 
+    def incidence_key(self, start: Mapping[str, Any], descriptor: Mapping[str, Any] | None
+                      ) -> str | None:
+        """The data key whose reading in every event is the incidence angle (None: static)."""
+        resolver = self.resolver(start, descriptor)
+        return None if isinstance(resolver, GeometryUnavailable) else resolver.incidence_key
+
+    def for_readings(self, start: Mapping[str, Any], descriptor: Mapping[str, Any] | None,
+                     readings: Mapping[str, Any], n: int) -> list:
+        """The geometry of each of ``n`` frames of a stream read as columns (``readings``:
+        data key -> n values; only :meth:`incidence_key` is needed), as :meth:`__call__`."""
+        key = self.incidence_key(start, descriptor)
+        if key is None:
+            return [self(start, descriptor, None)] * n
+        column = readings.get(key)
+        return [self(start, descriptor, {"data": {} if column is None else {key: column[i]}})
+                for i in range(n)]
+
     def __call__(self, start: Mapping[str, Any], descriptor: Mapping[str, Any] | None,
                  event: Mapping[str, Any] | None) -> ResolvedGeometry | GeometryUnavailable:
         resolver = self.resolver(start, descriptor)
@@ -103,6 +122,12 @@ class FrameGeometry:
             return resolver.for_event((event or {}).get("data"))
         except GeometryError as exc:
             return GeometryUnavailable(str(exc))
+
+
+def stream_descriptor(stream_name: str, metadata: Mapping[str, Any]) -> dict:
+    """The descriptor of a stream TiledWriter stored (its node's metadata is the descriptor:
+    uid, data_keys, configuration), for a consumer that reads the stream's arrays."""
+    return {**dict(metadata or {}), "name": stream_name}
 
 
 def geometry_summary(value: Any) -> dict | None:
@@ -117,3 +142,46 @@ def geometry_summary(value: Any) -> dict | None:
     if isinstance(value, InstrumentGeometry):
         return {"record": value.to_dict(), "sources": {"*": "explicit"}}
     return {"unavailable": f"not a geometry: {type(value).__name__}"}
+
+
+# -- command line ------------------------------------------------------------------------
+def add_geometry_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--geometry``, ``--poni`` and ``--geometry-fallback`` (``replay``, ``serve``)."""
+    g = parser.add_argument_group(
+        "geometry", f"the frames' instrument geometry (a q-grid model needs it); the run's "
+        f"start document {START_KEY} and descriptor configuration are read too")
+    g.add_argument("--geometry", default=None, metavar="JSON|FILE",
+                   help=f"{START_KEY} keys as JSON, a JSON file of them, or a PONI file; "
+                        "before what the run says")
+    g.add_argument("--poni", default=None, metavar="FILE",
+                   help="pyFAI PONI calibration (distance, beam centre, wavelength, tilt)")
+    g.add_argument("--geometry-fallback", default=None, metavar="JSON|FILE",
+                   help="fields to assume where nothing else gives them (your choice, "
+                        "recorded as 'fallback'; never a silent default)")
+
+
+def _json_or_path(text: str | None, flag: str) -> Any:
+    if text is None:
+        return None
+    if text.lstrip().startswith("{"):
+        try:
+            return json.loads(text)
+        except ValueError as exc:
+            raise GeometryError(f"{flag}: not valid JSON ({exc})") from None
+    return user_geometry(text)
+
+
+def geometry_from_args(args: argparse.Namespace) -> tuple[Any, Any]:
+    """(explicit, fallback) for :class:`FrameGeometry` from the parsed flags (GeometryError
+    names the flag)."""
+    explicit = _json_or_path(getattr(args, "geometry", None), "--geometry")
+    poni = getattr(args, "poni", None)
+    if poni is not None:
+        if isinstance(explicit, InstrumentGeometry):
+            raise GeometryError("--poni with a complete --geometry record: give one of them")
+        if not Path(poni).is_file():
+            raise GeometryError(f"--poni {poni!r}: no such file")
+        explicit = {**(explicit or {}), "poni": str(poni)}
+    fallback = _json_or_path(getattr(args, "geometry_fallback", None), "--geometry-fallback")
+    FrameGeometry(explicit, fallback=fallback)  # refuse a bad value here, not per frame
+    return explicit, fallback

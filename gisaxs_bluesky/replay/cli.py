@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..frames import add_geometry_arguments, geometry_from_args
 from ..runtime import DEFAULT_ROOT
 from .batch import connect, replay_runs
 from .distributed import replay_distributed
@@ -49,6 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     opt.add_argument("--binner-state", default=None, help="initial binner state (JSON)")
     opt.add_argument("--max-frames", type=int, default=None)
     opt.add_argument("--backup-dir", default=None)
+    add_geometry_arguments(parser)
     dist = parser.add_argument_group("distributed")
     dist.add_argument("--dask", action="store_true", help="fan runs out over Dask workers")
     dist.add_argument("--scheduler", default=None, help="tcp://host:port of a Dask scheduler "
@@ -103,11 +105,13 @@ def run(args: argparse.Namespace) -> int:
     try:
         if not uri:
             raise ReplayError("no Tiled URI: pass --tiled-uri or set GISAXS_TILED_URI")
+        geometry, fallback = geometry_from_args(args)
         options = ReplayOptions(
             model=args.model, device=args.device, root=args.root,
             backup_dir=args.backup_dir, method=args.method, stream=args.stream,
             image_key=args.image_key, chunk_size=args.chunk_size,
             binner_state=args.binner_state, max_frames=args.max_frames,
+            geometry=geometry, geometry_fallback=fallback,
         )
         uids = list(args.uids)
         if args.uid_file:

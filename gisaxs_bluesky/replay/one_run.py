@@ -95,7 +95,9 @@ def replay_run(
                 "raw_start_time": source.start.get("time"),
                 "producer": "gisaxs_bluesky.replay",
             },
+            geometry=source.geometry_summary,
         )
+        geometry_recorded = source.geometry_summary is not None
         summary.node_key = writer.key
         skip = set(writer.stored_seq_nums)
         if writer.duplicate_rows:
@@ -132,6 +134,7 @@ def replay_run(
                     chunk.seq[idx], chunk.times[idx],
                     {m: v[idx] for m, v in chunk.positions.items()},
                     expected_shape=shape,
+                    geometries=[chunk.geometries[i] for i in readable],
                 )
                 shape = shape or next(
                     (np.asarray(chunk.frames[i]).shape[-2:] for i in readable), None
@@ -139,6 +142,9 @@ def replay_run(
                 summary.frames_written += result.n_rows
                 for e in result.errors:
                     errors.append(f"run {uid} field {source.image_key!r} {e}")
+            if not geometry_recorded and source.geometry_summary is not None:
+                writer.update_metadata(geometry=source.geometry_summary)  # documents: now known
+                geometry_recorded = True
             if len(errors) > n_read_errors:
                 for e in errors[n_read_errors:]:
                     logger.warning("%s", e)
@@ -271,4 +277,5 @@ def _make_callback(client: Any, encoder: Any, options: ReplayOptions) -> Any:
     return DAEBinningCallback(
         client, encoder=encoder, binner=_make_binner(encoder, options), persist_binner=False,
         lock_nodes=False, image_key=options.image_key, stream_name=options.stream,
-        root=options.root, backup_dir=options.backup_dir, batch_size=options.batch_size)
+        root=options.root, backup_dir=options.backup_dir, batch_size=options.batch_size,
+        geometry=options.geometry, geometry_fallback=options.geometry_fallback)

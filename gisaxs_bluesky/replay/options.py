@@ -58,6 +58,11 @@ class ReplayOptions:
     # wait this long (s) for another writer of the same node on this machine (another replay,
     # the live callback) before reporting the run "busy"
     lock_timeout: float = 0.0
+    # the frames' geometry (a q-grid model needs it): an InstrumentGeometry, a mapping of
+    # gisaxs_geometry keys or a PONI / JSON path, before the run's own; and fields to assume
+    # where neither gives them (see gisaxs_bluesky.frames.FrameGeometry)
+    geometry: Any = None
+    geometry_fallback: Any = None
 
     def __post_init__(self) -> None:
         if self.method not in ("auto", "arrays", "documents", "callback"):

@@ -9,7 +9,16 @@ from typing import Any
 
 import numpy as np
 
-from ..frames import FrameReaders, FrameRef, RunFrames, RunFramesOptions, scanned_motors
+from ..frames import (
+    FrameGeometry,
+    FrameReaders,
+    FrameRef,
+    RunFrames,
+    RunFramesOptions,
+    geometry_summary,
+    scanned_motors,
+    stream_descriptor,
+)
 from ..frames import find_image_key as frames_image_key
 from .options import ReplayError, ReplayOptions
 
@@ -50,6 +59,7 @@ class _Chunk:
     times: np.ndarray
     frames: list[Any]
     positions: dict[str, np.ndarray]
+    geometries: list[Any]  # each frame's, as the frame layer resolves it
 
 
 class _ArrayRun:
@@ -81,6 +91,19 @@ class _ArrayRun:
         self.image = self.stream[self.image_key]
         self.n_frames = int(min(len(self.seq_nums), self.image.shape[0]))
         self.where = where
+        # the geometry: the stream's descriptor, and the incidence motor's column (theta scan)
+        geometry = FrameGeometry(options.geometry, fallback=options.geometry_fallback)
+        self.descriptor = stream_descriptor(options.stream, self.stream.metadata)
+        key = geometry.incidence_key(self.start, self.descriptor)
+        readings = {}
+        if key in self.positions:
+            readings = {key: self.positions[key]}
+        elif key is not None and key in keys:
+            readings = {key: np.asarray(self.stream[key].read(), dtype=np.float64).reshape(-1)}
+        self.geometries = geometry.for_readings(self.start, self.descriptor, readings,
+                                                len(self.seq_nums))
+        self.geometry_summary = geometry_summary(self.geometries[0] if self.geometries
+                                                 else None)
 
     def _read(self, lo: int, hi: int, errors: list[str]) -> list[Any]:
         """Frames [lo, hi) (None where unreadable); one request, per-frame on failure."""
@@ -120,6 +143,7 @@ class _ArrayRun:
             yield _Chunk(
                 self.seq_nums[idx], self.times[idx], frames,
                 {m: v[idx] for m, v in self.positions.items()},
+                [self.geometries[i] for i in idx],
             )
             pos += hi - lo
 
@@ -153,13 +177,21 @@ class _DocumentRun:
         self.motors = scanned_motors(self.start)
         n = self.start.get("num_points")
         self.n_frames = int(n) if isinstance(n, int) else None
+        self.geometry = FrameGeometry(options.geometry, fallback=options.geometry_fallback)
+        self.router: RunFrames | None = None
+
+    @property
+    def geometry_summary(self) -> dict | None:
+        """The first frame's geometry (None until the documents have given a frame)."""
+        return None if self.router is None else self.router.geometry_summary
 
     def chunks(self, skip: set[int], size: int, errors: list[str]) -> Iterator[_Chunk]:
         refs: list[FrameRef] = []
-        router = RunFrames(self.start, emit=refs.append, readers=FrameReaders(),
-                           options=RunFramesOptions(image_key=self.image_key,
-                                                    stream_name=self.options.stream),
-                           note=lambda message: errors.append(f"run {self.uid}: {message}"))
+        router = self.router = RunFrames(
+            self.start, emit=refs.append, readers=FrameReaders(),
+            options=RunFramesOptions(image_key=self.image_key, stream_name=self.options.stream,
+                                     geometry=self.geometry),
+            note=lambda message: errors.append(f"run {self.uid}: {message}"))
         missing: list[int] = []
         try:
             for name, doc in [*self._buffer, *self._docs]:
@@ -211,6 +243,7 @@ class _DocumentRun:
             frames,
             {m: np.asarray([r.positions.get(m, np.nan) for r in todo], dtype=np.float64)
              for m in self.motors},
+            [r.metadata.get("geometry") for r in todo],
         )
 
 
