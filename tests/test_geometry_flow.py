@@ -14,11 +14,14 @@ import time
 
 import bluesky.plans as bp
 import numpy as np
+import pyFAI.detectors
 import pytest
 import torch
 from bluesky_tiled_plugins import TiledWriter
 from ophyd.sim import SynAxis
+from pyFAI.geometry import Geometry
 
+from gisaxs_bluesky import query
 from gisaxs_bluesky.callbacks import DAEBinningCallback, serialized
 from gisaxs_bluesky.config import ModelConfig
 from gisaxs_bluesky.derived import UNBINNED_BIN, UNPROCESSED_BIN
@@ -204,9 +207,6 @@ def test_a_fallback_is_the_users_explicit_choice_and_recorded_as_such(RE, tiled_
 
 def test_explicit_poni_geometry_argument_with_start_document_incidence(RE, tiled_client,
                                                                        tmp_path, q_encoder):
-    import pyFAI.detectors
-    from pyFAI.geometry import Geometry
-
     geo = Geometry(detector=pyFAI.detectors.Detector(172e-6, 172e-6, max_shape=SHAPE),
                    wavelength=0.1e-9)
     geo.setFit2D(2000.0, 75.0, 150.0)
@@ -229,8 +229,8 @@ def test_geometry_outside_the_card_is_flagged_encoded_not_binned(RE, tiled_clien
                                                                  q_encoder):
     hard = {**GEOMETRY, "wavelength_nm": 0.05}
     images = frames(2)
-    _, node, rows = scan(RE, tiled_client, tmp_path, q_encoder,
-                         bp.count([InlineDetector(images)], 2, md={START_KEY: hard}))
+    uid, node, rows = scan(RE, tiled_client, tmp_path, q_encoder,
+                           bp.count([InlineDetector(images)], 2, md={START_KEY: hard}))
     assert (rows["bin_id"] == UNBINNED_BIN).all() and rows["is_outlier"].all()
     for flag in rows["flag"]:
         assert flag.startswith("geometry outside the model card: ")
@@ -241,6 +241,8 @@ def test_geometry_outside_the_card_is_flagged_encoded_not_binned(RE, tiled_clien
     md = node.metadata
     assert md["bin_ids"] == [] or all(b < 0 for b in md["bin_ids"])  # no bin opened
     assert any("wavelength_nm=0.05" in e and "not binned" in e for e in md["errors"])
+    ds = query.derived_for_run(tiled_client, uid)["tiny-q-0"]  # the Dataset has it too
+    assert [str(f) for f in ds["flag"].values] == rows["flag"].tolist()
 
 
 def test_pixel_model_records_the_geometry_and_ignores_it(RE, tiled_client, tmp_path):

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from .schema import TABLE_KEY, DerivedSchema
+from .schema import FLAG_COLUMN, TABLE_KEY, DerivedSchema
 
 __all__ = ["read_derived"]
 
@@ -31,7 +31,7 @@ def read_derived(node: Any) -> xr.Dataset:
     data_vars: dict[str, Any] = {
         name: ("frame", rows[name]) for name in
         ("time", "bin_id", "outlier_score", "is_outlier", "recon_error", "structure",
-         "radius_nm", "distance_nm", *motors)}
+         "radius_nm", "distance_nm", FLAG_COLUMN, *motors)}
     data_vars["latent"] = (("frame", "latent_dim"), rows["latent"])
     data_vars["noise_prob"] = (("frame", "noise_kind"), rows["noise_prob"])
     return xr.Dataset(

@@ -27,7 +27,9 @@ from ..geometry import (
     GeometryUnavailable,
     InstrumentGeometry,
     ResolvedGeometry,
+    geometry_from_poni,
 )
+from ..geometry.mapping import check_mapping
 
 __all__ = ["FrameGeometry", "GeometryUnavailable", "add_geometry_arguments", "geometry_from_args",
            "geometry_summary", "stream_descriptor", "user_geometry"]
@@ -73,6 +75,12 @@ class FrameGeometry:
         if isinstance(self.fallback, dict) and "poni" in self.fallback:
             raise GeometryError("geometry_fallback: a PONI file is a calibration; give it as "
                                 "geometry=, the fallback holds fields to assume")
+        if isinstance(self.explicit, dict):  # refused here, not on every frame
+            check_mapping(self.explicit, "geometry")
+            if self.explicit.get("poni") is not None:
+                geometry_from_poni(self.explicit["poni"])
+        if isinstance(self.fallback, dict):
+            check_mapping(self.fallback, "geometry_fallback")
         self._lock = threading.Lock()
         self._resolvers: OrderedDict[tuple[str, str], GeometryResolver | GeometryUnavailable] \
             = OrderedDict()
@@ -88,8 +96,8 @@ class FrameGeometry:
                 return found
         try:
             found = GeometryResolver(start, descriptor, self.explicit, fallback=self.fallback)
-        except GeometryError as exc:
-            found = GeometryUnavailable(str(exc))
+        except Exception as exc:  # noqa: BLE001 - a malformed document: said on the frames
+            found = GeometryUnavailable(_why(exc))
         with self._lock:
             self._resolvers[key] = found
             while len(self._resolvers) > _CACHE_SIZE:
@@ -120,8 +128,12 @@ class FrameGeometry:
             return resolver
         try:
             return resolver.for_event((event or {}).get("data"))
-        except GeometryError as exc:
-            return GeometryUnavailable(str(exc))
+        except Exception as exc:  # noqa: BLE001 - never into the frame router
+            return GeometryUnavailable(_why(exc))
+
+
+def _why(exc: Exception) -> str:
+    return str(exc) if isinstance(exc, GeometryError) else f"{type(exc).__name__}: {exc}"
 
 
 def stream_descriptor(stream_name: str, metadata: Mapping[str, Any]) -> dict:

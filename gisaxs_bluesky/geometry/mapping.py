@@ -138,3 +138,9 @@ def _build(merged: Mapping[str, Any]) -> InstrumentGeometry:
 
 def _drop(d: Mapping[str, Any], *keys: str) -> dict[str, Any]:
     return {k: v for k, v in d.items() if k not in keys}
+
+
+def check_mapping(d: Mapping[str, Any], where: str) -> None:
+    """Raise :class:`GeometryError` naming an unknown key (or a bad energy / detector) of a
+    partial ``gisaxs_geometry``-style mapping, before any frame needs it."""
+    _normalise(_drop(d, "poni"), where)
