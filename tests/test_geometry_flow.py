@@ -28,6 +28,7 @@ from gisaxs_bluesky.derived import UNBINNED_BIN, UNPROCESSED_BIN
 from gisaxs_bluesky.geometry import START_KEY, GeometryError, InstrumentGeometry, QGrid
 from gisaxs_bluesky.models import Encoder, GisaxsDAE, load_encoder, make_binner, save_checkpoint
 from gisaxs_bluesky.models.qmodel import QEncoder
+from gisaxs_bluesky.pipeline import BinningPipeline
 from gisaxs_bluesky.replay import ReplayOptions, replay_run
 from gisaxs_bluesky.sim.detector import blob_frame_fn
 from gisaxs_bluesky.store import DerivedStore
@@ -259,3 +260,34 @@ def test_pixel_model_records_the_geometry_and_ignores_it(RE, tiled_client, tmp_p
     direct = encoder.encode(np.stack(images))
     np.testing.assert_allclose(latents(rows, encoder.latent_dim), direct.latent,
                                rtol=1e-4, atol=1e-4)
+
+
+def _mixed_batch(encoder):
+    """One batch: two geometries interleaved, one frame without any."""
+    base = InstrumentGeometry.from_dict(GEOMETRY)
+    geometries = [base, base.with_incidence(0.6), base, None]
+    pipeline = BinningPipeline(encoder, make_binner(encoder))
+    result = pipeline.process(frames(4), [1, 2, 3, 4], [0.0] * 4, geometries=geometries)
+    return result, geometries
+
+
+def test_a_batch_of_mixed_geometries_keeps_frame_order(q_encoder):
+    result, geometries = _mixed_batch(q_encoder)
+    q = QEncoder(q_encoder)
+    images = frames(4)
+    for k in range(3):  # regrouped per geometry for the remap, back in frame order after
+        direct = q.encode(images[k], geometries[k])
+        np.testing.assert_allclose(result.rows["latent"][k], direct.latent[0], rtol=1e-4,
+                                   atol=1e-4)
+    assert result.rows["bin_id"][3] == UNPROCESSED_BIN
+    assert result.rows["flag"][3].startswith("geometry: no geometry given")
+    assert any(e.startswith("frame seq_num=4: geometry: no geometry given")
+               for e in result.errors)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_q_grid_pipeline_on_the_gpu_agrees_with_the_cpu(q_path):
+    cpu, _ = _mixed_batch(load_encoder(q_path, "cpu"))
+    gpu, _ = _mixed_batch(load_encoder(q_path, "cuda"))  # remap in torch, fp16 autocast
+    assert gpu.rows["bin_id"][3] == UNPROCESSED_BIN
+    np.testing.assert_allclose(gpu.rows["latent"][:3], cpu.rows["latent"][:3], atol=2e-2)
