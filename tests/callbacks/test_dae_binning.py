@@ -13,6 +13,7 @@ import pytest
 import torch
 from bluesky_tiled_plugins import TiledWriter
 from event_model import pack_event_page
+from inline_detector import InlineDetector
 
 from gisaxs_bluesky.binning import OnlineBinner
 from gisaxs_bluesky.callbacks import (
@@ -61,31 +62,6 @@ def make_callback(client, tmp_path: Path, encoder=None, **kwargs) -> DAEBinningC
 def derived_node(client, raw_uid: str, root: str = "gisaxs_derived"):
     key = DerivedStore.node_key(raw_uid, {"name": "untrained", "version": "0"})
     return client[root][key]
-
-
-class InlineDetector:
-    """Minimal bluesky readable whose image goes inline into the event (frames from a list)."""
-
-    def __init__(self, frames, name: str = "cam", shape=SHAPE) -> None:
-        self.name, self.parent = name, None
-        self.frames = list(frames)
-        self.shape = list(shape)
-        self.i = 0
-
-    def describe(self):
-        return {f"{self.name}_image": {"source": "sim", "dtype": "array", "shape": self.shape,
-                                       "dtype_numpy": "<i4"}}
-
-    def read(self):
-        frame = self.frames[self.i % len(self.frames)]
-        self.i += 1
-        return {f"{self.name}_image": {"value": frame, "timestamp": time.time()}}
-
-    def read_configuration(self):
-        return {}
-
-    def describe_configuration(self):
-        return {}
 
 
 def blob_frames(n: int, seed: int = 0) -> list[np.ndarray]:

@@ -10,7 +10,6 @@ the same geometry; the pixel model records it and is otherwise unchanged.
 from __future__ import annotations
 
 import threading
-import time
 
 import bluesky.plans as bp
 import numpy as np
@@ -18,6 +17,7 @@ import pyFAI.detectors
 import pytest
 import torch
 from bluesky_tiled_plugins import TiledWriter
+from inline_detector import InlineDetector
 from ophyd.sim import SynAxis
 from pyFAI.geometry import Geometry
 
@@ -57,29 +57,6 @@ def q_path(tmp_path_factory):
 @pytest.fixture
 def q_encoder(q_path):
     return load_encoder(q_path, "cpu")
-
-
-class InlineDetector:
-    """A bluesky readable whose image goes inline into the event."""
-
-    def __init__(self, frames, name: str = "cam") -> None:
-        self.name, self.parent = name, None
-        self.frames, self.i = list(frames), 0
-
-    def describe(self):
-        return {f"{self.name}_image": {"source": "sim", "dtype": "array", "shape": list(SHAPE),
-                                       "dtype_numpy": "<i4"}}
-
-    def read(self):
-        frame = self.frames[self.i % len(self.frames)]
-        self.i += 1
-        return {f"{self.name}_image": {"value": frame, "timestamp": time.time()}}
-
-    def read_configuration(self):
-        return {}
-
-    def describe_configuration(self):
-        return {}
 
 
 def frames(n: int) -> list[np.ndarray]:
