@@ -7,15 +7,8 @@ import json
 
 import pytest
 
-from gisaxs_bluesky.frames import (
-    FrameGeometry,
-    GeometryUnavailable,
-    add_geometry_arguments,
-    geometry_from_args,
-    geometry_summary,
-    stream_descriptor,
-    user_geometry,
-)
+from gisaxs_bluesky.frames import FrameGeometry, GeometryUnavailable, geometry_summary
+from gisaxs_bluesky.frames import geometry as frame_geometry
 from gisaxs_bluesky.geometry import START_KEY, GeometryError, InstrumentGeometry
 
 FULL = {"detector_shape": [100, 90], "pixel_size_mm": 0.172, "distance_mm": 2000.0,
@@ -55,21 +48,22 @@ def test_malformed_or_missing_geometry_is_a_value_never_an_exception():
 
 def test_user_geometry_forms_and_command_line(tmp_path):
     record = InstrumentGeometry((100, 90), 0.172, 2000.0, 0.1, (90.0, 45.0), 0.4)
-    assert user_geometry(record) is record
+    assert frame_geometry.user_geometry(record) is record
     path = tmp_path / "g.json"
     path.write_text(json.dumps(FULL))
-    assert user_geometry(path) == FULL
+    assert frame_geometry.user_geometry(path) == FULL
     with pytest.raises(GeometryError, match="no such PONI file"):
-        user_geometry(tmp_path / "missing.poni")
+        frame_geometry.user_geometry(tmp_path / "missing.poni")
     parser = argparse.ArgumentParser()
-    add_geometry_arguments(parser)
-    explicit, fallback = geometry_from_args(parser.parse_args(
+    frame_geometry.add_geometry_arguments(parser)
+    explicit, fallback = frame_geometry.geometry_from_args(parser.parse_args(
         ["--geometry", json.dumps({"distance_mm": 3000.0}), "--geometry-fallback", str(path)]))
     assert explicit == {"distance_mm": 3000.0} and fallback == FULL
     with pytest.raises(GeometryError, match="--geometry: not valid JSON"):
-        geometry_from_args(parser.parse_args(["--geometry", "{bad"]))
+        frame_geometry.geometry_from_args(parser.parse_args(["--geometry", "{bad"]))
     with pytest.raises(GeometryError, match="--poni .*no such file"):
-        geometry_from_args(parser.parse_args(["--poni", str(tmp_path / "x.poni")]))
+        frame_geometry.geometry_from_args(parser.parse_args(["--poni", str(tmp_path / "x.poni")]))
     with pytest.raises(GeometryError, match="unknown key"):  # refused at start-up
-        geometry_from_args(parser.parse_args(["--geometry", '{"distanse_mm": 1}']))
-    assert stream_descriptor("primary", {"uid": "u", "data_keys": {}})["name"] == "primary"
+        frame_geometry.geometry_from_args(parser.parse_args(["--geometry", '{"distanse_mm": 1}']))
+    descriptor = frame_geometry.stream_descriptor("primary", {"uid": "u", "data_keys": {}})
+    assert descriptor == {"uid": "u", "data_keys": {}, "name": "primary"}
