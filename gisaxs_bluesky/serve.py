@@ -201,9 +201,9 @@ def run(args: argparse.Namespace) -> int:
         print("error: no Tiled URI: pass --tiled-uri or set GISAXS_TILED_URI", file=sys.stderr)
         return 2
     try:
+        geometry, fallback = geometry_from_args(args)  # a bad value: said before connecting
         client = connect(uri, api_key)
         config = RuntimeConfig.from_args(args)
-        geometry, fallback = geometry_from_args(args)
         kwargs: dict[str, Any] = {"config": config, "geometry": geometry,
                                   "geometry_fallback": fallback}
         for name, value in (("image_key", args.image_key), ("stream_name", args.stream),

@@ -23,6 +23,7 @@ from pyFAI.geometry import Geometry
 
 from gisaxs_bluesky import query
 from gisaxs_bluesky.callbacks import DAEBinningCallback, serialized
+from gisaxs_bluesky.cli import main
 from gisaxs_bluesky.config import ModelConfig
 from gisaxs_bluesky.derived import UNBINNED_BIN, UNPROCESSED_BIN
 from gisaxs_bluesky.geometry import START_KEY, GeometryError, InstrumentGeometry, QGrid
@@ -268,3 +269,18 @@ def test_q_grid_pipeline_on_the_gpu_agrees_with_the_cpu(q_path):
     gpu, _ = _mixed_batch(load_encoder(q_path, "cuda"))  # remap in torch, fp16 autocast
     assert gpu.rows["bin_id"][3] == UNPROCESSED_BIN
     np.testing.assert_allclose(gpu.rows["latent"][:3], cpu.rows["latent"][:3], atol=2e-2)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["replay", "--tiled-uri", "http://127.0.0.1:9", "--geometry", "{bad", "uid"],
+     "--geometry: not valid JSON"),
+    (["replay", "--tiled-uri", "http://127.0.0.1:9", "--geometry", '{"distanse_mm": 1}', "u"],
+     "unknown key(s) ['distanse_mm']"),
+    (["serve", "--zmq", "127.0.0.1:9", "--tiled-uri", "http://127.0.0.1:9", "--poni",
+      "/nonexistent/calib.poni"], "--poni '/nonexistent/calib.poni': no such file"),
+    (["serve", "--tiled-stream", "http://127.0.0.1:9", "--geometry-fallback", "nope.json"],
+     "geometry file nope.json"),
+])
+def test_command_line_geometry_flags_are_checked_at_start_up(argv, message, capsys):
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
