@@ -16,7 +16,8 @@ class FrameRef:
     """One frame of a run: its pixels (``data``, a private copy) or a ``loader`` for them.
 
     ``metadata`` is the per-frame record: ``stream``, ``image_key``, ``descriptor`` and
-    ``geometry`` (the instrument geometry of this frame where the run gives one, else None).
+    ``geometry`` (what :class:`~gisaxs_bluesky.frames.FrameGeometry` resolved for this frame:
+    a ``ResolvedGeometry``, or a ``GeometryUnavailable`` saying why; None: no resolver).
     ``error`` set: the frame cannot be had (the reason names it); it still gets a row.
     """
 

@@ -27,6 +27,11 @@ A run without a stop document yet is replayed as far as it is stored and reporte
 Frames that cannot be *read* get no row (a later replay retries them); frames that are read
 but invalid get the pipeline's UNPROCESSED row.
 
+Each frame's geometry is resolved as the live callback resolves it (``ReplayOptions.geometry``
+/ ``geometry_fallback``, ``--geometry`` / ``--poni`` / ``--geometry-fallback``, then the run's
+``gisaxs_geometry``, its descriptor and the incidence motor per event, read from the stream's
+column or the documents), so a q-grid model re-bins a run as it binned live.
+
 Layout: :mod:`.selection` (which runs), :mod:`.sources` (their frames), :mod:`.one_run`
 (one run), :mod:`.batch` (many runs here, the Tiled connection), :mod:`.distributed` (Dask),
 :mod:`.cli` (``gisaxs-bluesky replay``).

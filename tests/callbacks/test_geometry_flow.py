@@ -33,6 +33,7 @@ from gisaxs_bluesky.pipeline import BinningPipeline
 from gisaxs_bluesky.replay import ReplayOptions, replay_run
 from gisaxs_bluesky.sim.detector import blob_frame_fn
 from gisaxs_bluesky.store import DerivedStore
+from gisaxs_bluesky.tiled_stream import TiledStreamConsumer
 
 SHAPE = (160, 150)
 GEOMETRY = {"detector_shape": list(SHAPE), "pixel_size_mm": 0.172, "distance_mm": 2000.0,
@@ -238,6 +239,35 @@ def test_pixel_model_records_the_geometry_and_ignores_it(RE, tiled_client, tmp_p
     direct = encoder.encode(np.stack(images))
     np.testing.assert_allclose(latents(rows, encoder.latent_dim), direct.latent,
                                rtol=1e-4, atol=1e-4)
+
+
+def test_tiled_stream_consumer_reads_the_incidence_per_frame(RE, tiled_server, tmp_path,
+                                                              q_encoder):
+    """``serve --tiled-stream``: frames read from TiledWriter's arrays, the geometry from the
+    run's start document and the stream's incidence column."""
+    th = SynAxis(name="th")
+    image = frames(1)[0]
+    angles = [0.3, 0.5]
+    md = {START_KEY: {**{k: v for k, v in GEOMETRY.items() if k != "incidence_deg"},
+                      "incidence_key": "th", "incidence_units": "deg"}}
+    RE.subscribe(TiledWriter(tiled_server.client(), batch_size=1))
+    (uid,) = RE(bp.list_scan([InlineDetector([image])], th, angles, md=md))
+    consumer = TiledStreamConsumer(tiled_server.client(), q_encoder, mode="polling",
+                                   existing=True, poll_interval_s=0.2,
+                                   backup_dir=tmp_path / "backup").start()
+    try:
+        assert consumer.wait_idle(uid, timeout=60), consumer.errors
+    finally:
+        consumer.stop()
+    client = tiled_server.client()
+    node = client["gisaxs_derived"][DerivedStore.node_key(uid, q_encoder.info())]
+    rows = node["frames"].read().sort_values("seq_num")
+    assert node.metadata["geometry"]["sources"]["incidence_deg"] == "event th"
+    base = InstrumentGeometry.from_dict(GEOMETRY)
+    expected = np.concatenate([QEncoder(q_encoder).encode(image, base.with_incidence(a)).latent
+                               for a in angles])
+    np.testing.assert_allclose(latents(rows, q_encoder.latent_dim), expected, rtol=1e-4,
+                               atol=1e-4)
 
 
 def _mixed_batch(encoder):
