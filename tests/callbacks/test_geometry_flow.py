@@ -22,6 +22,7 @@ from ophyd.sim import SynAxis
 from pyFAI.geometry import Geometry
 
 from gisaxs_bluesky import query
+from gisaxs_bluesky.adaptive.live import LiveEncoder
 from gisaxs_bluesky.callbacks import DAEBinningCallback, serialized
 from gisaxs_bluesky.cli import main
 from gisaxs_bluesky.config import ModelConfig
@@ -268,6 +269,26 @@ def test_tiled_stream_consumer_reads_the_incidence_per_frame(RE, tiled_server, t
                                for a in angles])
     np.testing.assert_allclose(latents(rows, q_encoder.latent_dim), expected, rtol=1e-4,
                                atol=1e-4)
+
+
+def test_adaptive_live_encoder_hands_each_frame_its_geometry(RE, q_encoder):
+    th = SynAxis(name="th")
+    image = frames(1)[0]
+    md = {START_KEY: {**{k: v for k, v in GEOMETRY.items() if k != "incidence_deg"},
+                      "incidence_key": "th", "incidence_units": "deg"}}
+    live = LiveEncoder(q_encoder, detector="cam_image", motors=["th"])
+    RE.subscribe(live)
+    try:
+        (uid,) = RE(bp.list_scan([InlineDetector([image])], th, [0.3, 0.7], md=md))
+        assert live.wait(60)
+        rows = live.rows(uid)
+    finally:
+        live.close()
+    assert [r["flag"] for r in rows] == ["", ""] and live.errors == []
+    base = InstrumentGeometry.from_dict(GEOMETRY)
+    for row, angle in zip(rows, [0.3, 0.7], strict=True):
+        direct = QEncoder(q_encoder).encode(image, base.with_incidence(angle))
+        np.testing.assert_allclose(row["latent"], direct.latent[0], rtol=1e-4, atol=1e-4)
 
 
 def _mixed_batch(encoder):
