@@ -253,8 +253,12 @@ class DerivedSchema:
     def to_arrow(self, columns: Mapping[str, np.ndarray]) -> pa.Table:
         """Table columns (from :meth:`validate`) -> an arrow table with the node's schema."""
         schema = self.arrow_schema()
+        n = len(np.asarray(columns["seq_num"]))
+        # rows kept in a local backup before 1.2 have no flag: "" (binned as usual)
         return pa.Table.from_arrays(
-            [pa.array(np.asarray(columns[f.name]), type=f.type) for f in schema], schema=schema)
+            [pa.array(np.asarray(columns[f.name]) if f.name in columns or f.name != FLAG_COLUMN
+                      else np.full(n, "", dtype=str), type=f.type) for f in schema],
+            schema=schema)
 
     def rows_from_table(self, df: Any, structure_kind: str | None = None
                         ) -> dict[str, np.ndarray]:

@@ -131,6 +131,8 @@ class QEncoder:
         """:func:`geometry_outside_card` of this model, cached per geometry."""
         key = geometry.key()
         if key not in self._outside:
+            if len(self._outside) >= 1024:  # a long theta scan: one entry per angle
+                self._outside.clear()
             self._outside[key] = geometry_outside_card(geometry, self.encoder.card)
         return self._outside[key]
 

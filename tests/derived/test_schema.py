@@ -76,6 +76,8 @@ def test_flag_column_round_trips_and_nodes_before_1_2_read_and_append_without_it
     cols, _ = old.validate(r)
     assert FLAG_COLUMN not in cols
     assert old.rows_from_table(old.to_arrow(cols).to_pandas())[FLAG_COLUMN].tolist() == [""] * 3
+    # rows a 1.1 writer kept in its local backup go into a 1.2 table with flag ""
+    assert schema.to_arrow(cols).column(FLAG_COLUMN).to_pylist() == [""] * 3
     assert not DerivedSchema.from_metadata({"latent_dim": 4, "schema_version": "1.1"}).has_flag
     assert DerivedSchema.from_metadata({"latent_dim": 4, "schema_version": "1.2"}).has_flag
     with pytest.raises(ValueError, match="motor name 'flag' collides"):
