@@ -115,6 +115,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         client = local_tiled_client(workdir / "catalog")
     encoder, trained = _encoder(args.device)
+    if view is not None:
+        view.state.frames.model = encoder  # denoises the view's representative frames
     scene = default_scene(seed=args.seed, dose_counts=args.dose)
     (sample_x,) = make_motors(scene.motor)
     detector = make_gisaxs_detector(workdir / "catalog" / "detector", scene, [sample_x],
@@ -138,7 +140,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"model: {encoder.info()}  device: {encoder.device}  trained: {trained}")
     print(f"scanning {args.points} points of {scene.motor} over {lo:g}-{hi:g} mm ...")
     t_scan = time.perf_counter()
-    (uid,) = RE(bp.list_scan([detector], sample_x, positions.tolist()))
+    # the simulated instrument's geometry in the start document, as a beamline records it
+    # (the view then shows the bins' frames on q axes)
+    (uid,) = RE(bp.list_scan([detector], sample_x, positions.tolist()),
+                gisaxs_geometry=scene.geometry.instrument().to_dict())
     scan_s = time.perf_counter() - t_scan
     if not callback.wait(300):
         print("binning did not finish within 300 s")
@@ -189,6 +194,7 @@ def _start_view(client: Any, args: argparse.Namespace) -> Any:
         original_stop()
 
     server.stop = stop
+    server.state = state
     print(f"live view: {server.url}/  (open it now to watch the scan)", flush=True)
     return server
 

@@ -91,7 +91,7 @@ class MedoidFrames:
     def encoder_for(self, metadata: Mapping[str, Any]) -> tuple[Encoder | None, str]:
         """The model that binned the run, or None and why not."""
         want = dict(metadata.get("model") or {})
-        key = (want.get("name"), want.get("version"), want.get("sha256"))
+        key = (want.get("name"), want.get("version"), want.get("sha256"), id(self.model))
         if key in self._encoders:
             return self._encoders[key]
         specs: list[Any] = [self.model] if self.model is not None else []

@@ -125,7 +125,7 @@ function drawSummary(s) {
     let card = cards.querySelector(`[data-bin="${b.bin_id}"]`);
     if (!card) {
       card = document.createElement("div"); card.className = "bin-card"; card.dataset.bin = b.bin_id;
-      card.innerHTML = `<div class="head"></div><div class="frame"></div>`;
+      card.innerHTML = `<div class="head"></div><div class="frame"></div><p class="caption note"></p>`;
       cards.appendChild(card);
     }
     const xr = b.x_range ? ` · ${view.motor} ${fmt(b.x_range[0], 1)}–${fmt(b.x_range[1], 1)}` : "";
@@ -144,11 +144,25 @@ function drawSummary(s) {
 
 async function loadFrame(card, b) {
   const div = card.querySelector(".frame");
+  const cap = card.querySelector(".caption");
   try {
     const f = await getJSON(`api/run/${encodeURIComponent(view.key)}/frame/${b.medoid_seq}`);
-    Plotly.react(div, [{z: f.z, type: "heatmap", colorscale: "Viridis", showscale: false,
-                        hovertemplate: "row %{y}, col %{x}<br>log10 counts %{z}<extra></extra>"}],
-      {margin: {l: 24, r: 2, t: 2, b: 18}, xaxis: {showgrid: false}, yaxis: {autorange: "reversed", showgrid: false}}, {displayModeBar: false, staticPlot: false});
+    view.frames[b.bin_id] = f;
+    const q = f.coords === "q";
+    const unit = q ? " nm⁻¹" : "";
+    div.className = "frame";
+    Plotly.react(div, [{z: f.z, x: f.x, y: f.y, type: "heatmap", colorscale: "Viridis", showscale: false,
+                        hoverongaps: false,
+                        hovertemplate: `${q ? "q_par" : "col"} %{x:.3f}${unit}<br>${q ? "q_z" : "row"} %{y:.3f}${unit}<br>${esc(f.value)} %{z}<extra></extra>`}],
+      {margin: {l: 42, r: 4, t: 4, b: 34}, font: {size: 9},
+       xaxis: {title: {text: f.x_title, standoff: 2}, showgrid: false},
+       yaxis: {title: {text: f.y_title, standoff: 2}, showgrid: false, autorange: q ? true : "reversed",
+               ...(q ? {scaleanchor: "x"} : {})}},
+      {displayModeBar: false, staticPlot: false});
+    cap.dataset.image = f.image; cap.dataset.coords = f.coords;
+    cap.textContent = `${f.image === "denoised" ? `denoised by ${f.model_id}` : "raw frame"}, ${f.value}; `
+      + (q ? `q axes from ${f.geometry_source}; ` : "") + f.binning + "."
+      + (f.notes.length ? " " + f.notes.join("; ") + "." : "");
   } catch (e) { div.textContent = e.message; div.className = "frame note"; }
 }
 
