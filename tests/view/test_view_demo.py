@@ -87,6 +87,8 @@ def test_demo_view_scans_into_the_given_tiled_and_serves_the_view(tiled_server, 
         assert frame["image"] == "denoised" and frame["coords"] == "q", frame.get("notes")
         assert frame["x_title"] == "q_par (nm⁻¹)"
         page = browser.new_page()
+        requested: list[str] = []
+        page.on("request", lambda r: requested.append(r.url))
         page.goto(f"{url}/")
         page.wait_for_selector(".bin-card .caption[data-coords=q]", timeout=60000)
         card = page.locator(".bin-card").first
@@ -95,6 +97,9 @@ def test_demo_view_scans_into_the_given_tiled_and_serves_the_view(tiled_server, 
         caption = card.locator(".caption").inner_text()
         assert caption.startswith("denoised by gisaxs-dae-small-"), caption
         assert "q axes from the run's documents" in caption
+        # no CDN: every script, style and frame comes from the view server itself
+        assert requested and all(u.startswith(url + "/") for u in requested), requested
+        assert any(u.endswith("/static/plotly.min.js") for u in requested)
         page.close()
         sugg = httpx.get(f"{url}/api/suggestions/{run['raw_uid']}", timeout=30).json()
         assert len(sugg["suggestions"]) >= 1

@@ -1,5 +1,5 @@
-"""The latent map's method: UMAP when umap-learn is installed and asked for, PCA otherwise,
-and the payload (what the page states) says which."""
+"""The latent map's method: UMAP when umap-learn is installed and asked for, PCA otherwise;
+the payload says which and the page (real headless chromium) states it."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import pytest
 from view_helpers import derived_rows, open_derived
 
 from gisaxs_bluesky.runtime import DEFAULT_ROOT
+from gisaxs_bluesky.view import BackgroundServer, ViewState, build_view_app
 from gisaxs_bluesky.view.data import RunRows, umap_available
 
 
@@ -63,3 +64,32 @@ def test_latent_map_falls_back_to_pca_without_umap(rows, monkeypatch):
     assert payload["embedding"] == "pca"
     assert payload["embedding_error"] == "UMAP is not installed (pip install umap-learn)"
     assert payload["points"]["pc1"] == rows.full()["points"]["pc1"]
+
+
+@pytest.mark.skipif(not umap_available(), reason="umap-learn not installed")
+def test_page_states_the_method_and_keeps_pca_points_off_a_umap_map(tiled_server, browser,
+                                                                    tmp_path):
+    client = tiled_server.client()
+    writer = open_derived(client, "raw-umap-page", tmp_path / "backup")
+    writer.append(derived_rows(1, 41))
+    writer.flush()
+    state = ViewState(client, tiled_label="test", mode="polling", poll_interval_s=0.3)
+    server = BackgroundServer(build_view_app(state)).start()
+    try:
+        page = browser.new_page()
+        page.goto(f"{server.url}/?run={writer.key}")
+        page.wait_for_function("window.gisaxsView.nFrames === 40", timeout=30000)
+        assert page.inner_text("#embedding-note").startswith("PCA of the 16-dim identity latent")
+        assert page.inner_text("#embedding option[value=umap]") == "UMAP"
+        page.select_option("#embedding", "umap")
+        page.wait_for_function("window.gisaxsView.embedding === 'umap'", timeout=120000)
+        assert page.inner_text("#embedding-note") == "UMAP of the identity latent (fitted on load)"
+        # rows that land now come with PCA coordinates: not drawn on the UMAP map
+        writer.append(derived_rows(41, 44))
+        page.wait_for_function("window.gisaxsView.nFrames === 43", timeout=30000)
+        assert page.evaluate("window.gisaxsView.points.pc1.slice(-3)") == [None, None, None]
+        assert "3 newer frames not on this map yet" in page.inner_text("#embedding-note")
+        page.close()
+    finally:
+        state.close()
+        server.stop()

@@ -72,6 +72,7 @@ async function loadRun(key) {
   view.serverMs = data.server_ms;
   view.key = data.key; view.rawUid = data.metadata.raw_uid; view.motor = data.motor;
   view.points = data.points; view.nFrames = data.n_frames;
+  view.embedding = data.embedding; view.unplaced = 0;
   const now = Date.now();
   for (const s of data.points.seq_num) if (!(s in view.seenAt)) view.seenAt[s] = now;
   $("sampling").textContent = data.sampling + ".";
@@ -169,6 +170,13 @@ async function loadFrame(card, b) {
 function applyRows(d) {
   if (d.key !== view.key || !view.points) return;
   const p = view.points;
+  if (view.embedding === "umap") {
+    // the rows' coordinates are PCA projections: a UMAP map places new frames only on a refit
+    const n = d.points.seq_num.length;
+    d.points.pc1 = Array(n).fill(null); d.points.pc2 = Array(n).fill(null);
+    view.unplaced += n;
+    $("embedding-note").textContent = `UMAP of the identity latent (fitted on load); ${view.unplaced} newer frames not on this map yet (refitted when the run has grown by half, or on reload)`;
+  }
   for (const col of Object.keys(p)) if (d.points[col]) p[col].push(...d.points[col]);
   drawPlots(); drawSummary(d);
   const now = Date.now();
