@@ -156,8 +156,8 @@ async function loadFrame(card, b) {
                         hoverongaps: false,
                         hovertemplate: `${q ? "q_par" : "col"} %{x:.3f}${unit}<br>${q ? "q_z" : "row"} %{y:.3f}${unit}<br>${esc(f.value)} %{z}<extra></extra>`}],
       {margin: {l: 42, r: 4, t: 4, b: 34}, font: {size: 9},
-       xaxis: {title: {text: f.x_title, standoff: 2}, showgrid: false},
-       yaxis: {title: {text: f.y_title, standoff: 2}, showgrid: false, autorange: q ? true : "reversed",
+       xaxis: {title: {text: f.x_title, standoff: 2}, showgrid: false, zeroline: false},
+       yaxis: {title: {text: f.y_title, standoff: 2}, showgrid: false, zeroline: false, autorange: q ? true : "reversed",
                ...(q ? {scaleanchor: "x"} : {})}},
       {displayModeBar: false, staticPlot: false});
     cap.dataset.image = f.image; cap.dataset.coords = f.coords;
