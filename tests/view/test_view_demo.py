@@ -1,6 +1,7 @@
 """``gisaxs-bluesky demo --view --tiled-uri URI``: the demo scans into that Tiled server and
-serves the live view on it during and after the scan, until Ctrl-C (a real subprocess, the
-shipped model, a loopback Tiled server with an API key)."""
+serves the live view on it during and after the scan, until Ctrl-C; plain ``demo`` ends and
+prints the view command for its catalog (real subprocesses, the shipped model, a loopback
+Tiled server with an API key)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ import time
 from pathlib import Path
 
 import httpx
+
+from gisaxs_bluesky.view import serve_catalog
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -110,3 +113,23 @@ def test_demo_view_scans_into_the_given_tiled_and_serves_the_view(tiled_server, 
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+def test_plain_demo_ends_and_prints_the_view_command_for_its_catalog(tmp_path):
+    """``make demo``: the demo ends on its own and prints the one command that opens the view
+    on its catalog; that catalog, served as the command serves it, shows the run."""
+    workdir = tmp_path / "demo"
+    done = subprocess.run(
+        [sys.executable, "-m", "gisaxs_bluesky.cli", "demo", "--points", "2", "--workdir",
+         str(workdir), "--device", "cpu"], cwd=ROOT, capture_output=True, text=True,
+        timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("live view of this catalog:")]
+    assert lines == [f"live view of this catalog: gisaxs-bluesky view --catalog "
+                     f"{workdir / 'catalog'}"], done.stdout[-2000:]
+    served = serve_catalog(workdir / "catalog")
+    try:
+        runs = httpx.get(f"{served.view_url}api/runs", timeout=60).json()["runs"]
+        assert [(r["n_frames"], r["status"]) for r in runs] == [(2, "complete")]
+    finally:
+        served.stop()
