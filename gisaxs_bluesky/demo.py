@@ -116,6 +116,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         client = local_tiled_client(workdir / "catalog")
     encoder, trained = _encoder(args.device)
+    if view is not None:
+        view.state.frames.model = encoder  # denoises the view's representative frames
     scene = default_scene(seed=args.seed, dose_counts=args.dose)
     (sample_x,) = make_motors(scene.motor)
     detector = make_gisaxs_detector(workdir / "catalog" / "detector", scene, [sample_x],
@@ -140,7 +142,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"scanning {args.points} points of {scene.motor} over {lo:g}-{hi:g} mm ...")
     t_scan = time.perf_counter()
     # the simulated instrument's geometry travels with the run (what a beamline would put in
-    # its start documents; a q-grid model reads it, the pixel model records it)
+    # its start documents; a q-grid model reads it, the pixel model records it, the view
+    # draws the bins' frames on q axes with it)
     md = {"gisaxs_geometry": scene.geometry.instrument().to_dict()}
     (uid,) = RE(bp.list_scan([detector], sample_x, positions.tolist(), md=md))
     scan_s = time.perf_counter() - t_scan
@@ -193,6 +196,7 @@ def _start_view(client: Any, args: argparse.Namespace) -> Any:
         original_stop()
 
     server.stop = stop
+    server.state = state
     print(f"live view: {server.url}/  (open it now to watch the scan)", flush=True)
     return server
 

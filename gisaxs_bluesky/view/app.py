@@ -23,7 +23,8 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, StreamingResponse
 
 from ..runtime import DEFAULT_ROOT
-from .data import ViewConfig, frame_preview, umap_available
+from .data import ViewConfig, umap_available
+from .medoid import MedoidFrames
 from .watch import Watcher
 
 __all__ = ["ViewState", "build_view_app", "mount_view", "plotly_js_path", "STATIC_DIR"]
@@ -61,7 +62,8 @@ class ViewState:
 
     def __init__(self, client: Any, *, bridge: Any = None, root: str = DEFAULT_ROOT,
                  mode: str = "auto", poll_interval_s: float = 0.5,
-                 config: ViewConfig | None = None, tiled_label: str = "") -> None:
+                 config: ViewConfig | None = None, tiled_label: str = "",
+                 model: Any = None) -> None:
         from ..qserver import QueueBridge
 
         self.client = client
@@ -70,6 +72,9 @@ class ViewState:
         self.tiled_label = tiled_label
         self.watcher = Watcher(client, root=root, mode=mode, poll_interval_s=poll_interval_s,
                                config=config)
+        # a bin's representative frame: the medoid denoised by the run's model, on q axes
+        self.frames = MedoidFrames(client, model=model,
+                                   max_pixels=self.watcher.config.preview_pixels)
         self.clients: set[asyncio.Queue] = set()
         self.loop: asyncio.AbstractEventLoop | None = None
         self._auto_lock = threading.Lock()
@@ -204,21 +209,11 @@ def build_view_app(state: ViewState | None = None) -> Any:
         s = view()
         try:
             rows = s.watcher.follow(s.resolve(key))
-            md = rows.metadata
-            raw = s.client[md["raw_uid"]]
-            stream = raw[md.get("stream") or "primary"]
-            image_key = md.get("image_key")
-            if not image_key:
-                from ..replay import find_image_key
-
-                image_key = find_image_key(dict(stream.metadata.get("data_keys", {})), None,
-                                           where=f"run {md['raw_uid']}")
-            preview = frame_preview(np.asarray(stream[image_key][int(seq_num) - 1]),
-                                    rows.config.preview_pixels)
+            preview = s.frames.render(rows.metadata, int(seq_num))
         except Exception as exc:  # noqa: BLE001 - raw run gone, no image, Tiled down
             return fail(404, f"no raw frame seq_num={seq_num} for {key}: "
                              f"{type(exc).__name__}: {exc}")
-        return ok({"seq_num": seq_num, "image_key": image_key, **preview})
+        return ok(preview)
 
     @app.get("/api/suggestions/{raw_uid}")
     def suggestions(raw_uid: str) -> Any:

@@ -163,6 +163,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--redis", default=None,
                         help="with --catalog: streaming cache for the served Tiled")
     parser.add_argument("--max-points", type=int, default=ViewConfig.max_points)
+    parser.add_argument("--model", default=None,
+                        help="model that denoises a bin's representative frame when the run's "
+                             "own model is not found by name (a checkpoint path or an adapted "
+                             "model's name); used only if it is the model that binned the run")
     parser.add_argument("--qserver", default=os.environ.get("QSERVER_ZMQ_CONTROL_ADDRESS"),
                         help="RE manager 0MQ control address for accepted suggestions, "
                              "e.g. tcp://localhost:60615")
@@ -196,7 +200,7 @@ def run(args: argparse.Namespace) -> int:
 
     config = ViewConfig(max_points=args.max_points)
     view_kwargs = {"root": args.root, "mode": args.mode, "poll_interval_s": args.poll_interval,
-                   "config": config}
+                   "config": config, "model": args.model}
     try:
         if args.catalog is not None:
             served = ServedCatalog(args.catalog, host=args.host, port=args.port,

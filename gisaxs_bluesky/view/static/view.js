@@ -72,6 +72,7 @@ async function loadRun(key) {
   view.serverMs = data.server_ms;
   view.key = data.key; view.rawUid = data.metadata.raw_uid; view.motor = data.motor;
   view.points = data.points; view.nFrames = data.n_frames;
+  view.embedding = data.embedding; view.unplaced = 0;
   const now = Date.now();
   for (const s of data.points.seq_num) if (!(s in view.seenAt)) view.seenAt[s] = now;
   $("sampling").textContent = data.sampling + ".";
@@ -125,7 +126,7 @@ function drawSummary(s) {
     let card = cards.querySelector(`[data-bin="${b.bin_id}"]`);
     if (!card) {
       card = document.createElement("div"); card.className = "bin-card"; card.dataset.bin = b.bin_id;
-      card.innerHTML = `<div class="head"></div><div class="frame"></div>`;
+      card.innerHTML = `<div class="head"></div><div class="frame"></div><p class="caption note"></p>`;
       cards.appendChild(card);
     }
     const xr = b.x_range ? ` · ${view.motor} ${fmt(b.x_range[0], 1)}–${fmt(b.x_range[1], 1)}` : "";
@@ -144,17 +145,38 @@ function drawSummary(s) {
 
 async function loadFrame(card, b) {
   const div = card.querySelector(".frame");
+  const cap = card.querySelector(".caption");
   try {
     const f = await getJSON(`api/run/${encodeURIComponent(view.key)}/frame/${b.medoid_seq}`);
-    Plotly.react(div, [{z: f.z, type: "heatmap", colorscale: "Viridis", showscale: false,
-                        hovertemplate: "row %{y}, col %{x}<br>log10 counts %{z}<extra></extra>"}],
-      {margin: {l: 24, r: 2, t: 2, b: 18}, xaxis: {showgrid: false}, yaxis: {autorange: "reversed", showgrid: false}}, {displayModeBar: false, staticPlot: false});
+    view.frames[b.bin_id] = f;
+    const q = f.coords === "q";
+    const unit = q ? " nm⁻¹" : "";
+    div.className = "frame";
+    Plotly.react(div, [{z: f.z, x: f.x, y: f.y, type: "heatmap", colorscale: "Viridis", showscale: false,
+                        hoverongaps: false,
+                        hovertemplate: `${q ? "q_par" : "col"} %{x:.3f}${unit}<br>${q ? "q_z" : "row"} %{y:.3f}${unit}<br>${esc(f.value)} %{z}<extra></extra>`}],
+      {margin: {l: 42, r: 4, t: 4, b: 34}, font: {size: 9},
+       xaxis: {title: {text: f.x_title, standoff: 2}, showgrid: false, zeroline: false},
+       yaxis: {title: {text: f.y_title, standoff: 2}, showgrid: false, zeroline: false, autorange: q ? true : "reversed",
+               ...(q ? {scaleanchor: "x"} : {})}},
+      {displayModeBar: false, staticPlot: false});
+    cap.dataset.image = f.image; cap.dataset.coords = f.coords;
+    cap.textContent = `${f.image === "denoised" ? `denoised by ${f.model_id}` : "raw frame"}, ${f.value}; `
+      + (q ? `q axes from ${f.geometry_source}; ` : "") + f.binning + "."
+      + (f.notes.length ? " " + f.notes.join("; ") + "." : "");
   } catch (e) { div.textContent = e.message; div.className = "frame note"; }
 }
 
 function applyRows(d) {
   if (d.key !== view.key || !view.points) return;
   const p = view.points;
+  if (view.embedding === "umap") {
+    // the rows' coordinates are PCA projections: a UMAP map places new frames only on a refit
+    const n = d.points.seq_num.length;
+    d.points.pc1 = Array(n).fill(null); d.points.pc2 = Array(n).fill(null);
+    view.unplaced += n;
+    $("embedding-note").textContent = `UMAP of the identity latent (fitted on load); ${view.unplaced} newer frames not on this map yet (refitted when the run has grown by half, or on reload)`;
+  }
   for (const col of Object.keys(p)) if (d.points[col]) p[col].push(...d.points[col]);
   drawPlots(); drawSummary(d);
   const now = Date.now();
