@@ -89,6 +89,8 @@ class Watcher:
         self._subs: dict[str, Any] = {}
         self._lock = threading.RLock()
         self._stop = threading.Event()
+        self._wake = threading.Event()  # the health probe saw Tiled come back
+        self._reachable = True
         self._thread: threading.Thread | None = None
         self._meta_seen: dict[str, float] = {}
         self._tables: dict[str, Any] = {}  # polling: frames table clients of followed runs
@@ -106,15 +108,31 @@ class Watcher:
         threading.Thread(target=self._health, name="gisaxs-view-health", daemon=True).start()
 
     def _health(self) -> None:
+        """Probe Tiled every second: say when it goes away and when it is back.
+
+        The probe owns the "unreachable" message: it sets it and clears it again, so the
+        page's banner goes within a second of Tiled answering even while the loop is still
+        inside a request that the Tiled client retries with back-off. While Tiled is away
+        the loop sends nothing (no request piles up in those retries).
+        """
         while not self._stop.wait(1.0):
-            if self.error is None and not tiled_reachable(self.client):
+            reachable = tiled_reachable(self.client, timeout=5.0)
+            if reachable == self._reachable:
+                continue
+            self._reachable = reachable
+            if not reachable:
                 self.error = (f"Tiled: ConnectionError: Tiled at {self.client.context.api_uri}"
                               " is unreachable; retrying")
                 logger.warning("view: %s", self.error)
-                self._emit("status", self.status())
+            else:
+                logger.info("view: Tiled at %s answers again", self.client.context.api_uri)
+                self.error = None
+                self._wake.set()
+            self._emit("status", self.status())
 
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
         for sub in list(self._subs.values()):
             try:
                 sub.disconnect(wait=False)
@@ -268,9 +286,10 @@ class Watcher:
         while not self._stop.is_set():
             t0 = time.monotonic()
             try:
-                if not tiled_reachable(self.client):
-                    raise ConnectionError(f"Tiled at {self.client.context.api_uri} is "
-                                          "unreachable; retrying")
+                if not self._reachable:
+                    self._wake.wait(1.0)  # the health probe says Tiled is away
+                    self._wake.clear()
+                    continue
                 if self.mode == "streaming":
                     self._streaming_housekeeping()
                 else:
@@ -289,8 +308,9 @@ class Watcher:
                     logger.warning("view: %s", msg)
                     self._emit("status", self.status())
             spent = time.monotonic() - t0
-            self._stop.wait(max(self.poll_interval_s - spent, 0.05) if self.mode == "polling"
+            self._wake.wait(max(self.poll_interval_s - spent, 0.05) if self.mode == "polling"
                             else 1.0)
+            self._wake.clear()
 
     def _streaming_housekeeping(self) -> None:
         """Subscriptions that could not be made yet (root or table did not exist)."""

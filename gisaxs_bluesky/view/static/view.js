@@ -44,7 +44,8 @@ function showStatus(s) {
 
 async function loadRuns() {
   let data;
-  try { data = await getJSON("api/runs"); } catch (e) { banner(e.message); return; }
+  // a failed listing is a Tiled problem too: the next good status clears it
+  try { data = await getJSON("api/runs"); } catch (e) { banner(e.message); $("banner").dataset.kind = "tiled"; return; }
   showStatus(data);
   const sel = $("run-picker"); const keep = view.key;
   sel.innerHTML = "";
