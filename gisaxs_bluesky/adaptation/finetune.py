@@ -62,6 +62,7 @@ log = logging.getLogger(__name__)
 #: the modules of GisaxsDAE that learn, per AdaptConfig.trainable (None: all)
 TRAINABLE = {
     "all": None,
+    "identity": ("to_identity",),
     "decoder+identity": ("to_identity", "from_identity", "decoder", "refine"),
     "decoder": ("from_identity", "decoder", "refine"),
 }
@@ -92,7 +93,8 @@ class AdaptConfig:
     w_distill: float = 30.0
     # which parts learn: "decoder+identity" (identity MLP, decoder, denoiser; the conv trunk,
     # the noise branch and the heads stay, so noise kinds are untouched), "decoder" (decoder
-    # and denoiser only: latents and noise kinds untouched) or "all"
+    # and denoiser only: latents and noise kinds untouched), "identity" (the identity MLP only:
+    # the decoder and the denoiser stay the base model's) or "all"
     trainable: str = "decoder+identity"
     denoise_crop: int = 64
     detector: str = "auto"  # "auto" | "counting" | "integrating"
