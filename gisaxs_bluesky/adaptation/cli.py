@@ -79,6 +79,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                     help="simulated anchor set size (0: no anchor)")
     tr.add_argument("--anchor", help="a binned simulated set (`gisaxs-bluesky simulate`) as "
                     "the anchor instead")
+    tr.add_argument("--threshold-holdout", type=float, default=d.threshold_holdout,
+                    help="fraction of the frames left out of the fine-tuning, whose quantiles "
+                    "are the outlier thresholds (0: thresholds from the trained-on frames)")
     tr.add_argument("--recon-quantile", type=float,
                     default=CalibrationConfig.recon_quantile)
     tr.add_argument("--reference-quantile", type=float,
@@ -145,6 +148,7 @@ def run(args: argparse.Namespace) -> int:
             batch_frames=args.batch_frames, lr=args.lr, anchor_identities=args.anchor_identities,
             detector=args.detector, seed=args.seed, precision=args.precision,
             num_threads=args.threads, trainable=args.trainable,
+            threshold_holdout=args.threshold_holdout,
             calibration=CalibrationConfig(recon_quantile=args.recon_quantile,
                                           reference_quantile=args.reference_quantile))
         result = adapt(sources, args.out, name=args.name, base=args.base, config=cfg,
