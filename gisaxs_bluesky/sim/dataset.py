@@ -56,6 +56,7 @@ class DatasetSpec:
     # a noise model (sim.noise_transfer, `gisaxs-bluesky noise-fit`): detector noise, dose and
     # artefacts of a beamtime's frames instead of random_noise's
     noise_from: str | None = None
+    noise_from_fraction: float = 1.0  # share of the frames with it; the others random_noise's
 
     def __post_init__(self) -> None:
         if self.n_identities < 1 or self.frames_per_identity < 1:
@@ -167,7 +168,8 @@ def iter_identity(spec: DatasetSpec, index: int) -> Iterator[dict]:
 
 def _noisy_frame(spec: DatasetSpec, sample: Sample, geometry: Geometry,
                  rng: np.random.Generator) -> tuple[NoiseSpec, SimResult]:
-    if spec.noise_from:
+    if spec.noise_from and (spec.noise_from_fraction >= 1
+                            or rng.random() < spec.noise_from_fraction):
         result, noise = simulate_with_noise_model(sample, geometry, _noise_model(spec.noise_from),
                                                   rng, compute_binning=spec.compute_binning,
                                                   dose_counts=spec.dose_counts)
@@ -337,6 +339,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a noise model (`gisaxs-bluesky noise-fit` / `adapt "
                         "--noise-model-out`): the beamtime's detector noise, dose and artefacts "
                         "instead of the random noise mix (--p-kind, --dose range)")
+    parser.add_argument("--noise-fraction", type=float, default=1.0,
+                        help="with --noise-from: the share of frames with the model's noise "
+                        "(the others get the random mix)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -350,6 +355,7 @@ def run(args: argparse.Namespace) -> int:
         instruments=args.instruments,
         input_mode=args.input_mode,
         noise_from=args.noise_from,
+        noise_from_fraction=args.noise_fraction,
     )
     if args.noise_from:
         try:  # a missing or corrupt file fails before any work

@@ -263,3 +263,42 @@ def test_noise_fit_and_simulate_cli_end_to_end(tmp_path, capsys):
 def test_empty_set_is_an_error():
     with pytest.raises(AdaptationError):
         fit_noise_model(ArraySource([]), progress=False)
+
+
+def test_adapt_writes_the_noise_model_with_the_adapted_model(tmp_path, capsys):
+    """`adapt --noise-model-out` fits the frames' noise with the adapted model's noise head;
+    `--trainable identity` moves the identity MLP only."""
+    import tifffile
+    import torch
+
+    from gisaxs_bluesky.models import load_checkpoint, pretrained_path
+    from gisaxs_bluesky.sim import NoiseSpec, simulate
+
+    folder = tmp_path / "beamtime"
+    folder.mkdir()
+    for i, structure in enumerate(["lamellar", "lamellar", "spheres_dilute", "spheres_dilute"]):
+        r = simulate(Sample(structure, radius_nm=5, distance_nm=30), Geometry(),
+                     NoiseSpec(dose_counts=5.0, kinds={"poisson": 1, "gaps": 1}), seed=i,
+                     compute_binning=6)
+        tifffile.imwrite(folder / f"frame{i}.tif", r.counts[:400, 300:700])
+    anchor = tmp_path / "anchor.h5"
+    generate(anchor, DatasetSpec(n_identities=2, frames_per_identity=2, seed=7), workers=1,
+             progress=False)
+    out, nm = tmp_path / "bt.pt", tmp_path / "bt-noise"
+    assert main(["adapt", str(folder), "--out", str(out), "--epochs", "1", "--batch-frames",
+                 "2", "--anchor", str(anchor), "--device", "cpu", "--no-progress",
+                 "--trainable", "identity", "--noise-model-out", str(nm)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["noise_model"] == str(tmp_path / "bt-noise.json")
+    model = load_noise_model(nm)
+    assert model.provenance["model"]["sha256"] == printed["sha256"]
+    inst = model.instruments[0]
+    assert inst.shape == (400, 400) and inst.frames == 4 and inst.detector == "counting"
+    assert inst.inactive.any()  # the module gap rows flagged -1
+    adapted, card, _ = load_checkpoint(out)
+    base, _, _ = load_checkpoint(pretrained_path())
+    assert card["adaptation"]["config"]["trainable"] == "identity"
+    for k, v in adapted.state_dict().items():
+        if not k.startswith("to_identity."):
+            torch.testing.assert_close(v, base.state_dict()[k])
+    assert not torch.equal(adapted.to_identity[1].weight, base.to_identity[1].weight)
