@@ -81,7 +81,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                     "the anchor instead")
     tr.add_argument("--threshold-holdout", type=float, default=d.threshold_holdout,
                     help="fraction of the frames left out of the fine-tuning, whose quantiles "
-                    "are the outlier thresholds (0: thresholds from the trained-on frames)")
+                    "are the outlier thresholds (0, the default: from all frames)")
     tr.add_argument("--recon-quantile", type=float,
                     default=CalibrationConfig.recon_quantile)
     tr.add_argument("--reference-quantile", type=float,
