@@ -54,7 +54,8 @@ DROP_KEYS_HIGHER_BETTER = ("noise_macro_f1", "structure_accuracy")
 DROP_KEYS_LOWER_BETTER = ("radius_rel_rmse", "distance_rel_rmse")
 
 
-def fit_model(real: dict, out: Path, encoder, copies: int, seed: int = 300) -> tuple[Path, float]:
+def fit_model(real: dict, out: Path, encoder, copies: int, seed: int = 300
+              ) -> tuple[Path, float]:
     rng = np.random.default_rng(seed)
     sources = []
     for label, (counts, mask, _, _) in real.items():
@@ -127,6 +128,10 @@ def main() -> None:
     parser.add_argument("--work", default="/tmp/bench_noise_transfer")
     parser.add_argument("--noise-model", help="a fitted noise model to use instead of step 1")
     parser.add_argument("--skip-sim-eval", action="store_true")
+    parser.add_argument("--no-head", action="store_true",
+                        help="fit the physics estimates only (no noise-head kinds)")
+    parser.add_argument("--skip-poisson", action="store_true",
+                        help="adapt with the transferred-noise anchor only")
     parser.add_argument("--json")
     args = parser.parse_args()
     if not REAL.is_dir():
@@ -145,7 +150,9 @@ def main() -> None:
     if args.noise_model:
         nm_path, fig["fit_seconds"] = Path(args.noise_model), 0.0
     else:
-        nm_path, fig["fit_seconds"] = fit_model(real, work / "noise", base, args.fit_copies)
+        nm_path, fig["fit_seconds"] = fit_model(
+            real, work / ("noise-physics" if args.no_head else "noise"),
+            None if args.no_head else base, args.fit_copies)
     nm = load_noise_model(nm_path)
     fig["noise_model"] = {"path": str(nm_path),
                           "instruments": [i.scalars() for i in nm.instruments]}
@@ -159,7 +166,7 @@ def main() -> None:
     data, seconds = {}, {}
     for kind, nf in (("poisson", None), ("transferred", str(nm_path))):
         name = f"anchor-{kind}-{args.anchor_identities}" + (
-            f"-{args.transfer_fraction:g}" if nf else "")
+            f"-{args.transfer_fraction:g}-{Path(nf).stem}" if nf else "")
         data[kind], seconds[kind] = anchor(work / f"{name}.h5", args.anchor_identities, nf,
                                            max(1, args.threads), args.transfer_fraction)
     fig["anchor_seconds"] = seconds
@@ -177,7 +184,8 @@ def main() -> None:
     sources = [Variants(c, m, args.variants, 1 + i, k, g) for i, (k, (c, m, g, _))
                in enumerate(real.items())]
     trainables = args.trainable.split(",")
-    runs = [("poisson", trainables[0])] + [("transferred", t) for t in trainables]
+    runs = ([] if args.skip_poisson else [("poisson", trainables[0])]) + [
+        ("transferred", t) for t in trainables]
     fig["real_shipped"] = real_figures(base, held_base, {})
     if not args.skip_sim_eval:
         t0 = time.time()
