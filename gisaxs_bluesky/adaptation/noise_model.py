@@ -92,12 +92,12 @@ class _Detector:
     def decide(self, items: list[SourceFrame], detector: str, gain: float | None,
                gain_frames: int) -> None:
         if gain is not None:
-            self.kind, self.gain = "integrating", estimate_or_given(items, gain)
+            self.kind, self.gain = "integrating", _gain_estimate(items, gain)
         elif detector == "counting":
             self.kind = "counting"
         elif detector == "integrating" or not all(looks_counting(f.frame, f.mask)
                                                    for f in items[:gain_frames]):
-            self.kind, self.gain = "integrating", estimate_or_given(items[:gain_frames], None)
+            self.kind, self.gain = "integrating", _gain_estimate(items[:gain_frames], None)
         else:
             try:
                 est = estimate_gain(items[0].frame, items[0].mask)
@@ -109,7 +109,7 @@ class _Detector:
             # a sharp pattern inflates the single-frame estimate of a counting frame (1.27 on
             # a simulated Pilatus frame at 30 counts): counting unless clearly not about 1
             if not (0.7 <= g <= 1.5 or abs(g - 1) <= 3 * err):
-                self.kind, self.gain = "integrating", estimate_or_given(items[:gain_frames],
+                self.kind, self.gain = "integrating", _gain_estimate(items[:gain_frames],
                                                                         None)
         self.report["detector"] = self.kind
         if self.gain is not None:
@@ -177,7 +177,7 @@ class _Detector:
             inactive_value=inactive_value, inactive=inactive, **kw)
 
 
-def estimate_or_given(items: list[SourceFrame], gain: float | None):
+def _gain_estimate(items: list[SourceFrame], gain: float | None):
     from .gain import GainEstimate
 
     if gain is not None:
