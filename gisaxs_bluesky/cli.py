@@ -25,6 +25,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "suggestions": ("gisaxs_bluesky.qserver",
                     "list / accept / reject suggestions (accepted -> Queue Server plan)"),
     "adapt": ("gisaxs_bluesky.adaptation.cli", "fine-tune the model on a beamtime's own frames"),
+    "noise-fit": ("gisaxs_bluesky.adaptation.noise_cli",
+                  "fit a beamtime's noise model from its frames (for simulate --noise-from)"),
 }
 
 

@@ -11,6 +11,7 @@ from .finetune import (
     resolve_model,
 )
 from .gain import GainError, GainEstimate, estimate_gain, looks_counting, to_photon_counts
+from .noise_model import fit_noise_model
 from .sources import (
     AdaptationError,
     ArraySource,
@@ -42,6 +43,7 @@ __all__ = [
     "calibrate_from_groups",
     "collect_frames",
     "estimate_gain",
+    "fit_noise_model",
     "flagged_pixels",
     "list_adapted",
     "load_adapted",

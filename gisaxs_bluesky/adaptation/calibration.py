@@ -57,6 +57,7 @@ def calibrate_from_groups(
     config: CalibrationConfig | None = None,
     binner_config: BinnerConfig | None = None,
     model_sha256: str = "",
+    held_out: np.ndarray | None = None,
 ) -> tuple[OnlineBinner, dict]:
     """A binner calibrated on latents of thinned halves: ``group`` = which measured frame
     (0 .. n_frames - 1), ``draw`` = which thinning of it, ``identity`` = the frame's repeat
@@ -64,7 +65,10 @@ def calibrate_from_groups(
     frame, in frame order): the whole frames, which carry the dose that live frames have:
     with >= ``min_groups_for_frame_split`` of them they set the outlier thresholds and the
     reference (a half, at a fraction of the dose, reconstructs and sits differently), and
-    they join the spread. Returns the binner and a summary for the card."""
+    they join the spread. ``held_out`` (bool, one per frame): frames that the fine-tuning did
+    not train on; with >= 2 of them and >= 2 others, the thresholds are their quantiles and
+    the reference centres those of the other whole frames (a frame the model trained on
+    reconstructs better than a live frame will). Returns the binner and a summary."""
     cfg = config or CalibrationConfig()
     z = np.asarray(identity_latent, dtype=np.float64)
     err = np.asarray(recon_error, dtype=np.float64).reshape(-1)
@@ -103,6 +107,14 @@ def calibrate_from_groups(
     binner = OnlineBinner(bcfg, model_sha256=model_sha256).calibrate(
         z_spread, id_spread, err_ref, clean_latent=z_ref, clean_recon_error=err_ref,
         clean_identity_label=split_label)
+    held = None if held_out is None else np.asarray(held_out, dtype=bool)
+    if held is not None and len(held) != n_groups:
+        raise ValueError(f"held_out has {len(held)} entries; expected one per frame "
+                         f"({n_groups})")
+    if (held is not None and frame_latent is not None and held.sum() >= 2
+            and (~held).sum() >= 2):
+        binner.thresholds_from_held_out(zf[~held], zf[held], ef[held])
+        thresholds_from = f"{int(held.sum())} whole frames held out of the fine-tuning"
 
     def within(labels):
         return np.concatenate([np.sqrt(((z[labels == g] - z[labels == g].mean(0)) ** 2).sum(1))

@@ -10,15 +10,17 @@ from pathlib import Path
 import numpy as np
 
 from ..models.checkpoint import CheckpointError
+from ..sim.noise_transfer import save_noise_model
 from .calibration import CalibrationConfig
-from .finetune import AdaptConfig, adapt, model_cache_dir
+from .finetune import TRAINABLE, AdaptConfig, adapt, load_adapted, model_cache_dir
+from .noise_model import fit_noise_model
 from .sources import AdaptationError, FileSource, RunSource, read_detector_file
 
-__all__ = ["add_arguments", "run"]
+__all__ = ["add_arguments", "add_source_arguments", "build_sources", "run"]
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    d = AdaptConfig()
+def add_source_arguments(parser: argparse.ArgumentParser) -> None:
+    """The frame-source options of adapt (also those of noise-fit)."""
     src = parser.add_argument_group("frames (files and/or runs)")
     src.add_argument("paths", nargs="*", help="detector files or folders (TIFF, CBF, EDF, "
                      "their .gz, HDF5/NeXus, .npy; files named *mask* are masks)")
@@ -46,6 +48,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      "0.134}')")
     src.add_argument("--require-geometry", action="store_true",
                      help="a frame without geometry is an error (default: recorded 'unknown')")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d = AdaptConfig()
+    add_source_arguments(parser)
     det = parser.add_argument_group("detector")
     det.add_argument("--detector", default=d.detector, choices=["auto", "counting", "integrating"],
                      help="auto: integer frames with a photon-transfer gain of ~1 are counting, "
@@ -58,6 +65,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      "/NAME.pt unless --out")
     out.add_argument("--out", help="checkpoint path (.pt; a .json card beside it)")
     tr = parser.add_argument_group("training")
+    tr.add_argument("--trainable", default=d.trainable, choices=sorted(TRAINABLE),
+                    help="which parts learn: identity (the identity MLP only: decoder, "
+                    "denoiser and noise branch stay the base model's), decoder+identity, "
+                    "decoder, all")
     tr.add_argument("--split", type=float, default=d.split_fraction,
                     help="binomial thinning fraction p")
     tr.add_argument("--thinnings", type=int, default=d.thinnings)
@@ -68,6 +79,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                     help="simulated anchor set size (0: no anchor)")
     tr.add_argument("--anchor", help="a binned simulated set (`gisaxs-bluesky simulate`) as "
                     "the anchor instead")
+    tr.add_argument("--threshold-holdout", type=float, default=d.threshold_holdout,
+                    help="fraction of the frames left out of the fine-tuning, whose quantiles "
+                    "are the outlier thresholds (0, the default: from all frames)")
     tr.add_argument("--recon-quantile", type=float,
                     default=CalibrationConfig.recon_quantile)
     tr.add_argument("--reference-quantile", type=float,
@@ -76,6 +90,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     tr.add_argument("--device", default="auto")
     tr.add_argument("--threads", type=int, help="torch threads")
     tr.add_argument("--precision", default=d.precision, choices=["auto", "fp32", "bf16", "fp16"])
+    parser.add_argument("--noise-model-out", metavar="FILE",
+                        help="also fit the frames' noise model with the adapted model and write "
+                        "it (FILE.json + FILE.npz) for `simulate --noise-from`")
     parser.add_argument("--no-progress", action="store_true")
 
 
@@ -89,48 +106,61 @@ def _geometry(text: str | None):
         raise AdaptationError(f"--geometry {text!r}: not JSON nor a JSON file ({exc})") from exc
 
 
-def run(args: argparse.Namespace) -> int:
+def build_sources(args: argparse.Namespace) -> tuple[list, dict | None]:
+    """The FrameSources of :func:`add_source_arguments`' options, and the --geometry."""
     from .. import replay
 
+    geometry = _geometry(args.geometry)
+    mask = None
+    if args.mask:
+        mask = np.asarray(read_detector_file(args.mask)[0][0]) != 0
+    sources = []
+    if args.paths:
+        sources.append(FileSource(
+            args.paths, mask=mask, geometry=geometry, require_geometry=args.require_geometry,
+            group_by=args.group_by if args.group_by in ("file", "folder") else "frame"))
+    queries = replay.build_queries(
+        scan_ids=replay.parse_range(args.scan_ids), plan_name=args.plan_name,
+        since=args.since, until=args.until, metadata=replay.parse_where(args.where))
+    if args.tiled_uri:
+        catalog = replay.connect(args.tiled_uri, args.api_key)
+        sources.append(RunSource(catalog, args.uid, queries, stream=args.stream,
+                                 image_key=args.image_key, limit=args.limit,
+                                 max_frames_per_run=args.max_frames_per_run, mask=mask,
+                                 geometry=geometry, require_geometry=args.require_geometry,
+                                 group_by=("frame" if args.group_by in ("file", "folder")
+                                           else args.group_by)))
+    elif args.uid or queries:
+        raise AdaptationError("--uid / run queries need --tiled-uri")
+    if not sources:
+        raise AdaptationError("the adaptation set is empty: give detector files or folders, "
+                              "or --tiled-uri with runs")
+    return sources, geometry
+
+
+def run(args: argparse.Namespace) -> int:
     try:
-        geometry = _geometry(args.geometry)
-        mask = None
-        if args.mask:
-            mask = np.asarray(read_detector_file(args.mask)[0][0]) != 0
-        sources = []
-        if args.paths:
-            sources.append(FileSource(
-                args.paths, mask=mask, geometry=geometry, require_geometry=args.require_geometry,
-                group_by=args.group_by if args.group_by in ("file", "folder") else "frame"))
-        queries = replay.build_queries(
-            scan_ids=replay.parse_range(args.scan_ids), plan_name=args.plan_name,
-            since=args.since, until=args.until, metadata=replay.parse_where(args.where))
-        if args.tiled_uri:
-            catalog = replay.connect(args.tiled_uri, args.api_key)
-            sources.append(RunSource(catalog, args.uid, queries, stream=args.stream,
-                                     image_key=args.image_key, limit=args.limit,
-                                     max_frames_per_run=args.max_frames_per_run, mask=mask,
-                                     geometry=geometry, require_geometry=args.require_geometry,
-                                     group_by=("frame" if args.group_by in ("file", "folder")
-                                               else args.group_by)))
-        elif args.uid or queries:
-            raise AdaptationError("--uid / run queries need --tiled-uri")
-        if not sources:
-            raise AdaptationError("the adaptation set is empty: give detector files or folders, "
-                                  "or --tiled-uri with runs")
+        sources, geometry = build_sources(args)
         if not args.out and not args.name:
             raise AdaptationError("give --name (written to the user cache) or --out PATH")
         cfg = AdaptConfig(
             split_fraction=args.split, thinnings=args.thinnings, epochs=args.epochs,
             batch_frames=args.batch_frames, lr=args.lr, anchor_identities=args.anchor_identities,
             detector=args.detector, seed=args.seed, precision=args.precision,
-            num_threads=args.threads,
+            num_threads=args.threads, trainable=args.trainable,
+            threshold_holdout=args.threshold_holdout,
             calibration=CalibrationConfig(recon_quantile=args.recon_quantile,
                                           reference_quantile=args.reference_quantile))
         result = adapt(sources, args.out, name=args.name, base=args.base, config=cfg,
                        geometry=geometry, require_geometry=args.require_geometry,
                        gain=args.gain, anchor=args.anchor, max_frames=args.max_frames,
                        device=args.device, progress=not args.no_progress)
+        noise_model = None
+        if args.noise_model_out:
+            fitted = fit_noise_model(sources, encoder=load_adapted(result.path, args.device),
+                                     detector=args.detector, gain=args.gain,
+                                     max_frames=args.max_frames, progress=not args.no_progress)
+            noise_model = str(save_noise_model(fitted, args.noise_model_out))
     except (AdaptationError, CheckpointError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -140,6 +170,7 @@ def run(args: argparse.Namespace) -> int:
         "sha256": result.card["sha256"], "base_sha256": a["base"]["sha256"],
         "frames": a["frames"], "seconds": a["seconds"], "losses": a["losses"],
         "calibration": a["calibration"],
+        "noise_model": noise_model,
         "use": f"--model {result.path}" + (f"  (or by name: {result.card['name']})"
                                            if result.path.parent == model_cache_dir() else ""),
     }, indent=2))

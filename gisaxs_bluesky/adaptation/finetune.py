@@ -62,6 +62,7 @@ log = logging.getLogger(__name__)
 #: the modules of GisaxsDAE that learn, per AdaptConfig.trainable (None: all)
 TRAINABLE = {
     "all": None,
+    "identity": ("to_identity",),
     "decoder+identity": ("to_identity", "from_identity", "decoder", "refine"),
     "decoder": ("from_identity", "decoder", "refine"),
 }
@@ -92,9 +93,15 @@ class AdaptConfig:
     w_distill: float = 30.0
     # which parts learn: "decoder+identity" (identity MLP, decoder, denoiser; the conv trunk,
     # the noise branch and the heads stay, so noise kinds are untouched), "decoder" (decoder
-    # and denoiser only: latents and noise kinds untouched) or "all"
+    # and denoiser only: latents and noise kinds untouched), "identity" (the identity MLP only:
+    # the decoder and the denoiser stay the base model's) or "all"
     trainable: str = "decoder+identity"
     denoise_crop: int = 64
+    # fraction of the frames left out of the fine-tuning: the outlier thresholds are their
+    # quantiles (frames trained on may reconstruct better than the beamtime's next ones); 0:
+    # none, the thresholds from all frames (on the shared real frames' variants 0 flagged
+    # 1.2 % of held-out variants, 0.2 flagged 3.8 %: bench_noise_transfer.py)
+    threshold_holdout: float = 0.0
     detector: str = "auto"  # "auto" | "counting" | "integrating"
     gain_frames: int = 4  # frames per shape whose single-frame gain estimates are averaged
     seed: int = 0
@@ -109,6 +116,8 @@ class AdaptConfig:
                      "gain_frames"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if not 0 <= self.threshold_holdout < 1:
+            raise ValueError(f"threshold_holdout={self.threshold_holdout} must be in [0, 1)")
         if self.anchor_identities < 0:
             raise ValueError(f"anchor_identities={self.anchor_identities} must be >= 0")
         if self.trainable not in TRAINABLE:
@@ -414,8 +423,10 @@ def adapt(
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     distill_ref = _anchor_latents(model, anchor_data, dev) if (
         anchor_data is not None and cfg.w_distill > 0) else None
-    by_draw = [np.flatnonzero(pairs.draw == d) for d in range(cfg.thinnings)]
-    steps = math.ceil(len(frames) / cfg.batch_frames)
+    held = _held_out(len(frames), cfg)
+    by_draw = [np.flatnonzero((pairs.draw == d) & ~held[pairs.group])
+               for d in range(cfg.thinnings)]
+    steps = math.ceil(int((~held).sum()) / cfg.batch_frames)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, cfg.lr,
                                                     total_steps=cfg.epochs * steps, pct_start=0.2)
     amp_dtype = autocast_dtype(cfg.precision, dev)
@@ -484,7 +495,7 @@ def adapt(
     identity = np.unique(repeat, return_inverse=True)[1][group]  # per latent
     binner, calibration = calibrate_from_groups(
         z, err, group, draw, identity=identity, frame_latent=z_whole,
-        frame_recon_error=err_whole, config=cfg.calibration)
+        frame_recon_error=err_whole, config=cfg.calibration, held_out=held)
     calibration["calibrated_on"] = "the adaptation frames below (whole and split halves)"
 
     card = {k: v for k, v in base_card.items() if k not in ("sha256", "binner", "metrics")}
@@ -519,6 +530,16 @@ def adapt(
     card = save_checkpoint(out, model, card)
     log.info("adapted model %s written to %s (%.0f s)", name, out, time.time() - t0)
     return AdaptResult(out, card)
+
+
+def _held_out(n_frames: int, cfg: AdaptConfig) -> np.ndarray:
+    """Which frames the fine-tuning leaves for the thresholds (none when fewer than 2 would
+    be, or fewer than 4 left to train on); drawn apart from the training's random stream."""
+    n = int(round(cfg.threshold_holdout * n_frames))
+    held = np.zeros(n_frames, dtype=bool)
+    if n >= 2 and n_frames - n >= 4:
+        held[np.random.default_rng([cfg.seed, 1]).choice(n_frames, n, replace=False)] = True
+    return held
 
 
 def _encode(encoder: Encoder, inputs: Sequence[torch.Tensor], batch: int = 64

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
+from functools import lru_cache
 from pathlib import Path
 
 import h5py
@@ -14,8 +16,9 @@ from tqdm import tqdm
 
 from .geometry import Geometry
 from .noise import NOISE_KINDS, NoiseSpec, random_noise
+from .noise_transfer import NoiseModel, NoiseModelError, load_noise_model, simulate_with_noise_model
 from .sample import STRUCTURES, Sample, random_sample
-from .simulate import expected_intensity, nominal_mask, simulate
+from .simulate import SimResult, expected_intensity, nominal_mask, simulate
 
 __all__ = ["DatasetSpec", "generate", "iter_identity", "pool2", "add_arguments", "run"]
 
@@ -50,6 +53,10 @@ class DatasetSpec:
     # "pixels": detector blocks (models.preprocess.preprocess); "qgrid": the fixed (q_z, q_par)
     # grid of geometry.QGrid() (models.preprocess.q_inputs)
     input_mode: str = "pixels"
+    # a noise model (sim.noise_transfer, `gisaxs-bluesky noise-fit`): detector noise, dose and
+    # artefacts of a beamtime's frames instead of random_noise's
+    noise_from: str | None = None
+    noise_from_fraction: float = 1.0  # share of the frames with it; the others random_noise's
 
     def __post_init__(self) -> None:
         if self.n_identities < 1 or self.frames_per_identity < 1:
@@ -144,11 +151,7 @@ def iter_identity(spec: DatasetSpec, index: int) -> Iterator[dict]:
     target = pool2(clean_in[0], clean_in[1])
     fine_target = preprocess_fine(clean, clean_scale, mask)[0] if spec.binned else None
     for _ in range(spec.frames_per_identity):
-        noise: NoiseSpec = random_noise(
-            rng, dose_range=spec.dose_range, p_kind=spec.p_kind, dose_counts=spec.dose_counts
-        )
-        noise = _detector_noise(noise, geometry, rng)
-        result = simulate(sample, geometry, noise, rng, compute_binning=spec.compute_binning)
+        noise, result = _noisy_frame(spec, sample, geometry, rng)
         row = _labels(index, sample, noise, geometry)
         if spec.binned:
             frame_mask = mask if rng.random() < spec.p_mask else None
@@ -161,6 +164,24 @@ def iter_identity(spec: DatasetSpec, index: int) -> Iterator[dict]:
             row["counts"] = result.counts.astype(np.float32)
             row["expected"] = clean * np.float32(noise.dose_counts / 10.0)
         yield row
+
+
+def _noisy_frame(spec: DatasetSpec, sample: Sample, geometry: Geometry,
+                 rng: np.random.Generator) -> tuple[NoiseSpec, SimResult]:
+    if spec.noise_from and (spec.noise_from_fraction >= 1
+                            or rng.random() < spec.noise_from_fraction):
+        result, noise = simulate_with_noise_model(sample, geometry, _noise_model(spec.noise_from),
+                                                  rng, compute_binning=spec.compute_binning,
+                                                  dose_counts=spec.dose_counts)
+        return noise, result
+    noise = _detector_noise(random_noise(rng, dose_range=spec.dose_range, p_kind=spec.p_kind,
+                                         dose_counts=spec.dose_counts), geometry, rng)
+    return noise, simulate(sample, geometry, noise, rng, compute_binning=spec.compute_binning)
+
+
+@lru_cache(maxsize=4)
+def _noise_model(path: str) -> NoiseModel:
+    return load_noise_model(path)
 
 
 def _labels(index: int, sample: Sample, noise: NoiseSpec, geometry: Geometry) -> dict:
@@ -196,9 +217,7 @@ def _iter_identity_q(spec: DatasetSpec, index: int) -> Iterator[dict]:
     clean_in = q_inputs(remap(nominal, clean, threads=1), nominal)[0][0]
     target = pool2(clean_in[0], clean_in[1])
     for _ in range(spec.frames_per_identity):
-        noise = _detector_noise(random_noise(rng, dose_range=spec.dose_range, p_kind=spec.p_kind,
-                                             dose_counts=spec.dose_counts), geometry, rng)
-        result = simulate(sample, geometry, noise, rng, compute_binning=spec.compute_binning)
+        noise, result = _noisy_frame(spec, sample, geometry, rng)
         row = _labels(index, sample, noise, geometry)
         if spec.binned:
             # with the user's mask, or with what the record knows (gaps, round beamstop)
@@ -316,6 +335,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input-mode", default=DatasetSpec.input_mode,
                         choices=["pixels", "qgrid"],
                         help="model input: detector blocks or the fixed (q_z, q_par) grid")
+    parser.add_argument("--noise-from", metavar="FILE",
+                        help="a noise model (`gisaxs-bluesky noise-fit` / `adapt "
+                        "--noise-model-out`): the beamtime's detector noise, dose and artefacts "
+                        "instead of the random noise mix (--p-kind, --dose range)")
+    parser.add_argument("--noise-fraction", type=float, default=1.0,
+                        help="with --noise-from: the share of frames with the model's noise "
+                        "(the others get the random mix)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -328,7 +354,15 @@ def run(args: argparse.Namespace) -> int:
         p_kind=args.p_kind,
         instruments=args.instruments,
         input_mode=args.input_mode,
+        noise_from=args.noise_from,
+        noise_from_fraction=args.noise_fraction,
     )
+    if args.noise_from:
+        try:  # a missing or corrupt file fails before any work
+            load_noise_model(args.noise_from)
+        except NoiseModelError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     out = generate(args.out, spec, workers=args.workers)
     print(f"wrote {spec.n_frames} frames to {out}")
     return 0

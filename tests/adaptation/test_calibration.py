@@ -73,3 +73,28 @@ def test_whole_frames_set_the_thresholds_and_join_the_spread():
     assert binner.spread >= halves.spread * 0.9
     with pytest.raises(ValueError, match="one per frame"):
         calibrate_from_groups(z, err, frame, draw, frame_latent=zf[:3], frame_recon_error=ef[:3])
+
+
+def test_frames_held_out_of_the_fine_tuning_set_the_thresholds():
+    """Frames trained on reconstruct better than the next ones: held-out frames' quantiles
+    are the thresholds, so new frames like them are flagged at about 1 - quantile."""
+    z, err, frame, draw, sample = _latents(n_frames=100)
+    rng = np.random.default_rng(4)
+    n = frame.max() + 1
+    zf = np.stack([z[frame == f].mean(0) for f in range(n)])
+    held = np.zeros(n, bool)
+    held[rng.choice(n, 20, replace=False)] = True
+    # trained-on frames reconstruct at half the error of the held-out (and of new) frames
+    ef = np.where(held, 1.0, 0.5) * rng.gamma(4.0, 0.1, n)
+    binner, summary = calibrate_from_groups(z, err, frame, draw, frame_latent=zf,
+                                            frame_recon_error=ef, held_out=held)
+    assert summary["thresholds_from"] == "20 whole frames held out of the fine-tuning"
+    assert binner.recon_threshold >= np.quantile(ef[held], 0.99)
+    trained_only, _ = calibrate_from_groups(z, err, frame, draw, frame_latent=zf,
+                                            frame_recon_error=ef)
+    new_err = rng.gamma(4.0, 0.1, 2000)  # new frames: as the held-out ones
+    assert (new_err > binner.recon_threshold).mean() < 0.03
+    assert (new_err > trained_only.recon_threshold).mean() > 0.1  # 14.5 % here
+    with pytest.raises(ValueError, match="held_out has 3 entries"):
+        calibrate_from_groups(z, err, frame, draw, frame_latent=zf, frame_recon_error=ef,
+                              held_out=np.ones(3, bool) & [True, True, False])
