@@ -15,7 +15,7 @@ __all__ = ["main", "SUBCOMMANDS"]
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("gisaxs_bluesky.demo", "simulated scan into a local Tiled catalog, live binning, report"),
-    "simulate": ("gisaxs_bluesky.sim.dataset", "generate a labelled simulated dataset (HDF5)"),
+    "simulate": ("gisaxs_bluesky.models.dataset", "generate a labelled simulated dataset (HDF5)"),
     "train": ("gisaxs_bluesky.models.train", "train the denoising autoencoder"),
     "evaluate": ("gisaxs_bluesky.models.evaluate", "metrics on held-out simulation or real frames"),
     "replay": ("gisaxs_bluesky.replay", "re-bin catalogued runs with a model"),

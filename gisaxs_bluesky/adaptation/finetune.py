@@ -38,6 +38,7 @@ from torch.nn import functional as F  # noqa: N812 - as in models/train.py
 from tqdm import tqdm
 
 from ..models.checkpoint import load_checkpoint, save_checkpoint
+from ..models.dataset import DatasetSpec, generate
 from ..models.inference import Encoder, resolve_device
 from ..models.loading import list_adapted, model_cache_dir, resolve_model
 from ..models.train import TrainConfig, TrainingData, _denoise_errors, _losses, autocast_dtype
@@ -134,8 +135,6 @@ def load_adapted(spec: str | Path = "pretrained", device: str | torch.device = "
 def anchor_set(n_identities: int, *, seed: int = ANCHOR_SEED, cache_dir: Path | None = None,
                workers: int = 1, progress: bool = True) -> TrainingData:
     """The simulated anchor set (binned, random artefacts and dose), made once and cached."""
-    from ..sim.dataset import DatasetSpec, generate
-
     spec = DatasetSpec(n_identities=n_identities, frames_per_identity=2, seed=seed)
     cache_dir = cache_dir or model_cache_dir().parent / "anchors"
     path = cache_dir / f"anchor-{n_identities}x2-seed{seed}.h5"
@@ -293,7 +292,7 @@ def _build_pairs(src_list: list[FrameSource], encoder: Encoder, cfg: AdaptConfig
 
 def _log_pool(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, 8, 128, 128) input -> the 64 x 64 valid-weighted log intensity and its valid weight
-    (as sim.dataset.pool2 makes the decoder's targets)."""
+    (as models.dataset.pool2 makes the decoder's targets)."""
     valid = F.avg_pool2d(x[:, 1:2], 2)[:, 0]
     log_i = F.avg_pool2d(x[:, :1] * x[:, 1:2], 2)[:, 0] / valid.clamp_min(1e-6)
     return log_i, valid

@@ -21,6 +21,7 @@ __all__ = [
     "preprocess",
     "preprocess_batch",
     "preprocess_fine",
+    "preprocess_with_scale",
     "block_edges",
     "frame_scale",
 ]
@@ -265,7 +266,7 @@ def preprocess(
     mean (cosmic tracks light neighbours, a hot pixel does not); the fraction of zeros among
     bright neighbours (single dead pixels). Negative values that are not flags count as 0.
     """
-    return _preprocess(frame, mask, config)[0]
+    return preprocess_with_scale(frame, mask, config)[0]
 
 
 def _block_stats_for(frame: np.ndarray):
@@ -309,7 +310,12 @@ def _ensure_compiled(dtype: np.dtype) -> None:
         _compiled.add(dtype.str)
 
 
-def _preprocess(frame, mask, config, pool: Executor | None = None) -> tuple[np.ndarray, float]:
+def preprocess_with_scale(
+    frame: np.ndarray, mask: np.ndarray | None = None, config: PreprocessConfig | None = None,
+    pool: Executor | None = None,
+) -> tuple[np.ndarray, float]:
+    """:func:`preprocess` and the dose normalisation it divided by (:func:`frame_scale`);
+    with ``pool``, the frame's two halves are gathered in parallel (the same sums)."""
     config = config or PreprocessConfig()
     frame = _check_frame(frame)
     mask, has_mask = _check_mask(mask, frame.shape)
@@ -363,7 +369,7 @@ def frame_scale(
     frame: np.ndarray, mask: np.ndarray | None = None, config: PreprocessConfig | None = None
 ) -> float:
     """The dose normalisation preprocess() divides by: the median valid block mean."""
-    return _preprocess(frame, mask, config)[1]
+    return preprocess_with_scale(frame, mask, config)[1]
 
 
 def preprocess_fine(

@@ -21,8 +21,8 @@ from gisaxs_bluesky.adaptation.sources import AdaptationError, SourceFrame
 from gisaxs_bluesky.adaptation.thinning import ThinningError
 from gisaxs_bluesky.cli import main
 from gisaxs_bluesky.models import load_checkpoint, make_binner, pretrained_path
+from gisaxs_bluesky.models.dataset import DatasetSpec, generate
 from gisaxs_bluesky.sim import Geometry, NoiseSpec, Sample, simulate
-from gisaxs_bluesky.sim.dataset import DatasetSpec, generate
 
 TINY = AdaptConfig(epochs=1, batch_frames=2, thinnings=2)
 

@@ -69,7 +69,7 @@ def test_one_frame_in_two_halves_gives_identical_input(frames):
     """A single frame is preprocessed as two row halves on two threads: bit-identical."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from gisaxs_bluesky.models.preprocess import _preprocess
+    from gisaxs_bluesky.models.preprocess import preprocess_with_scale
     from gisaxs_bluesky.sim import Geometry
     from gisaxs_bluesky.sim.simulate import nominal_mask
 
@@ -79,8 +79,8 @@ def test_one_frame_in_two_halves_gives_identical_input(frames):
     with ThreadPoolExecutor(2) as pool:
         for frame, mask in ((spiky, None), (frames[1], nominal_mask(Geometry())),
                             (frames[2].astype(np.float32), None)):
-            whole, scale = _preprocess(frame, mask, None)
-            halves, scale2 = _preprocess(frame, mask, None, pool=pool)
+            whole, scale = preprocess_with_scale(frame, mask, None)
+            halves, scale2 = preprocess_with_scale(frame, mask, None, pool=pool)
             assert scale == scale2
             np.testing.assert_array_equal(whole, halves)
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from gisaxs_bluesky.models import load_encoder
+from gisaxs_bluesky.models.dataset import DatasetSpec, generate
 from gisaxs_bluesky.models.train import (
     TrainConfig,
     TrainingData,
@@ -18,7 +19,6 @@ from gisaxs_bluesky.models.train import (
     train,
     train_denoiser,
 )
-from gisaxs_bluesky.sim.dataset import DatasetSpec, generate
 
 
 def auroc(score: np.ndarray, truth: np.ndarray) -> float:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing as mp
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -12,10 +13,19 @@ import h5py
 import numpy as np
 from tqdm import tqdm
 
-from .geometry import Geometry
-from .noise import NOISE_KINDS, NoiseSpec, random_noise
-from .sample import STRUCTURES, Sample, random_sample
-from .simulate import expected_intensity, nominal_mask, simulate
+from ..geometry import QGrid, remap, remap_table
+from ..sim.geometry import Geometry
+from ..sim.instruments import (
+    ALL_DETECTORS,
+    HELD_OUT,
+    at_wavelength,
+    instrument_ranges,
+    random_instrument,
+)
+from ..sim.noise import NOISE_KINDS, NoiseSpec, random_noise
+from ..sim.sample import STRUCTURES, Sample, random_sample
+from ..sim.simulate import expected_intensity, nominal_mask, simulate
+from .preprocess import N_CHANNELS, preprocess_fine, preprocess_with_scale, q_inputs
 
 __all__ = ["DatasetSpec", "generate", "iter_identity", "pool2", "add_arguments", "run"]
 
@@ -62,8 +72,6 @@ class DatasetSpec:
         for s in self.structures:
             if s not in STRUCTURES:
                 raise ValueError(f"structure {s!r} is not one of {STRUCTURES}")
-        from .instruments import HELD_OUT
-
         if self.instruments not in ("shipped", "train", *HELD_OUT):
             raise ValueError(f"instruments={self.instruments!r} must be 'shipped', 'train' or "
                              f"one of {sorted(HELD_OUT)}")
@@ -106,8 +114,6 @@ def identity_setup(spec: DatasetSpec, index: int) -> tuple[np.random.Generator, 
     sample: Sample = random_sample(rng, structure=structure)
     if spec.instruments == "shipped":
         return rng, sample, _identity_geometry(rng, spec.jitter_geometry)
-    from .instruments import HELD_OUT, at_wavelength, random_instrument
-
     if spec.instruments == "train":
         geometry = random_instrument(rng)
     else:
@@ -133,14 +139,11 @@ def iter_identity(spec: DatasetSpec, index: int) -> Iterator[dict]:
     if spec.input_mode == "qgrid":
         yield from _iter_identity_q(spec, index)
         return
-    # models depends on sim, not the reverse
-    from ..models.preprocess import _preprocess, preprocess_fine
-
     rng, sample, geometry = identity_setup(spec, index)
     mask = nominal_mask(geometry)
     clean = expected_intensity(sample, geometry, dose_counts=10.0,
                                compute_binning=spec.compute_binning)
-    clean_in, clean_scale = _preprocess(clean, mask, None)
+    clean_in, clean_scale = preprocess_with_scale(clean, mask, None)
     target = pool2(clean_in[0], clean_in[1])
     fine_target = preprocess_fine(clean, clean_scale, mask)[0] if spec.binned else None
     for _ in range(spec.frames_per_identity):
@@ -152,7 +155,7 @@ def iter_identity(spec: DatasetSpec, index: int) -> Iterator[dict]:
         row = _labels(index, sample, noise, geometry)
         if spec.binned:
             frame_mask = mask if rng.random() < spec.p_mask else None
-            inputs, scale = _preprocess(result.counts, frame_mask, None)
+            inputs, scale = preprocess_with_scale(result.counts, frame_mask, None)
             row["inputs"] = inputs.astype(np.float16)
             row["target"] = target.astype(np.float16)
             row["fine"] = preprocess_fine(result.counts, scale, frame_mask).astype(np.float16)
@@ -164,8 +167,6 @@ def iter_identity(spec: DatasetSpec, index: int) -> Iterator[dict]:
 
 
 def _labels(index: int, sample: Sample, noise: NoiseSpec, geometry: Geometry) -> dict:
-    from .instruments import ALL_DETECTORS
-
     name = geometry.detector.name
     return {
         "identity": index,
@@ -183,9 +184,6 @@ def _labels(index: int, sample: Sample, noise: NoiseSpec, geometry: Geometry) ->
 
 def _iter_identity_q(spec: DatasetSpec, index: int) -> Iterator[dict]:
     """:func:`iter_identity` on the fixed q grid: remapped with the identity's geometry."""
-    from ..geometry import QGrid, remap, remap_table
-    from ..models.preprocess import q_inputs
-
     rng, sample, geometry = identity_setup(spec, index)
     instrument = geometry.instrument()
     grid = QGrid()
@@ -247,8 +245,6 @@ def generate(
         f.attrs["noise_kinds"] = list(NOISE_KINDS)
         f.attrs["structures"] = list(STRUCTURES)
         if spec.binned:
-            from ..models.preprocess import N_CHANNELS
-
             f.create_dataset("inputs", (n, N_CHANNELS, 128, 128), np.float16,
                              chunks=(1, N_CHANNELS, 128, 128))
             f.create_dataset("target", (n, 64, 64), np.float16, chunks=(1, 64, 64))
@@ -257,11 +253,6 @@ def generate(
                 f.create_dataset("fine_target", (n, 256, 256), np.float16,
                                  chunks=(1, 256, 256))
             else:
-                import json
-
-                from ..geometry import QGrid
-                from .instruments import instrument_ranges
-
                 f.attrs["qgrid"] = json.dumps(QGrid().to_dict())
                 f.attrs["instrument_ranges"] = json.dumps(instrument_ranges())
         else:
