@@ -9,10 +9,15 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import replay
 from ..models.checkpoint import CheckpointError
+from ..models.loading import model_cache_dir
+from .adapt_config import AdaptConfig
 from .calibration import CalibrationConfig
-from .finetune import AdaptConfig, adapt, model_cache_dir
-from .sources import AdaptationError, FileSource, RunSource, read_detector_file
+from .detector_files import read_detector_file
+from .errors import AdaptationError
+from .finetune import adapt
+from .sources import FileSource, RunSource
 
 __all__ = ["add_arguments", "run"]
 
@@ -90,8 +95,6 @@ def _geometry(text: str | None):
 
 
 def run(args: argparse.Namespace) -> int:
-    from .. import replay
-
     try:
         geometry = _geometry(args.geometry)
         mask = None
