@@ -2,7 +2,8 @@
 
 :data:`START_KEYS` documents what a start document's ``gisaxs_geometry`` (or an explicit
 mapping, or a fallback) may hold; :func:`mapping_fields` turns a complete one into the
-record's fields (``InstrumentGeometry.from_dict``). Units tables shared with the descriptor readings are here too.
+record's fields (``InstrumentGeometry.from_dict``). Units tables shared with the descriptor
+readings are here too.
 """
 
 from __future__ import annotations
