@@ -40,7 +40,7 @@ from gisaxs_bluesky.adaptation import (
     load_adapted,
     to_photon_counts,
 )
-from gisaxs_bluesky.adaptation.finetune import anchor_set
+from gisaxs_bluesky.adaptation.anchor import anchor_set
 from gisaxs_bluesky.models import Encoder, load_checkpoint, load_pretrained, make_binner
 from gisaxs_bluesky.models.evaluate import evaluate_simulated
 from gisaxs_bluesky.sim import STRUCTURES, Geometry, NoiseSpec, Sample, simulate

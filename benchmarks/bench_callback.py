@@ -301,7 +301,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
 
     from gisaxs_bluesky.callbacks import DAEBinningCallback
-    from gisaxs_bluesky.demo import local_tiled_client
+    from gisaxs_bluesky.tiled_client import local_tiled_client
     from gisaxs_bluesky.models import make_binner
     from gisaxs_bluesky.pipeline import BinningPipeline
     from gisaxs_bluesky.store import DerivedStore

@@ -45,7 +45,7 @@ from gisaxs_bluesky.adaptation.noise_model import fit_noise_model  # noqa: E402
 from gisaxs_bluesky.models import evaluate as evaluate_module  # noqa: E402
 from gisaxs_bluesky.models import load_pretrained  # noqa: E402
 from gisaxs_bluesky.models.train import TrainingData, calibrate_binner  # noqa: E402
-from gisaxs_bluesky.sim.dataset import DatasetSpec, generate  # noqa: E402
+from gisaxs_bluesky.models.dataset import DatasetSpec, generate  # noqa: E402
 from gisaxs_bluesky.sim.noise_transfer import load_noise_model, save_noise_model  # noqa: E402
 
 ANCHOR_SEED = 7

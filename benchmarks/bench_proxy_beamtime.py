@@ -34,7 +34,7 @@ import torch
 from bench_adapt import real_figures  # the same figures as the real-frame benchmark
 
 from gisaxs_bluesky.adaptation import AdaptConfig, SourceFrame, adapt, load_adapted
-from gisaxs_bluesky.adaptation.finetune import anchor_set
+from gisaxs_bluesky.adaptation.anchor import anchor_set
 from gisaxs_bluesky.models import Encoder, load_pretrained
 from gisaxs_bluesky.models.evaluate import baseline_bins
 from gisaxs_bluesky.sim import Geometry, Sample

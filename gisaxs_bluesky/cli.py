@@ -15,14 +15,14 @@ __all__ = ["main", "SUBCOMMANDS"]
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("gisaxs_bluesky.demo", "simulated scan into a local Tiled catalog, live binning, report"),
-    "simulate": ("gisaxs_bluesky.sim.dataset", "generate a labelled simulated dataset (HDF5)"),
+    "simulate": ("gisaxs_bluesky.models.dataset", "generate a labelled simulated dataset (HDF5)"),
     "train": ("gisaxs_bluesky.models.train", "train the denoising autoencoder"),
     "evaluate": ("gisaxs_bluesky.models.evaluate", "metrics on held-out simulation or real frames"),
     "replay": ("gisaxs_bluesky.replay", "re-bin catalogued runs with a model"),
-    "serve": ("gisaxs_bluesky.tiled_stream",
+    "serve": ("gisaxs_bluesky.serve_cli",
               "run the callback on documents from a 0MQ proxy or on runs streamed by Tiled"),
     "view": ("gisaxs_bluesky.view.server", "live web page of the bins, outliers, suggestions"),
-    "suggestions": ("gisaxs_bluesky.qserver",
+    "suggestions": ("gisaxs_bluesky.qserver.cli",
                     "list / accept / reject suggestions (accepted -> Queue Server plan)"),
     "adapt": ("gisaxs_bluesky.adaptation.cli", "fine-tune the model on a beamtime's own frames"),
     "noise-fit": ("gisaxs_bluesky.adaptation.noise_cli",

@@ -21,7 +21,17 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["add_arguments", "run", "local_tiled_client", "make_report"]
+from . import query
+from .adaptive import ScanResults, SuggestConfig, SuggestionWriter, plot_suggestions, suggest_points
+from .callbacks import DAEBinningCallback, serialized
+from .models import CheckpointError, Encoder, GisaxsDAE, load_pretrained, make_binner
+from .sim.detector import PILATUS_SHAPE, make_gisaxs_detector, make_motors
+from .sim.scene import default_scene
+from .tiled_client import local_tiled_client
+from .view import BackgroundServer, ViewState, build_view_app, serve_catalog
+from .view.server import _wait_for_ctrl_c
+
+__all__ = ["add_arguments", "run", "make_report"]
 
 logger = logging.getLogger(__name__)
 
@@ -42,30 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--view-port", type=int, default=8765, help="port of the live view")
 
 
-def local_tiled_client(directory: Path) -> Any:
-    """Writable SQLite-backed Tiled catalog in ``directory``, served in-process; returns a client."""
-    from tiled.catalog import from_uri
-    from tiled.client import Context, from_context
-    from tiled.server.app import build_app
-
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "data").mkdir(exist_ok=True)
-    catalog = from_uri(
-        f"sqlite:///{directory / 'catalog.db'}",
-        writable_storage={
-            "filesystem": str(directory / "data"),
-            "sql": f"sqlite:///{directory / 'tables.sqlite'}",
-        },
-        readable_storage=[str(directory.parent)],
-        init_if_not_exists=True,
-    )
-    context = Context.from_app(build_app(catalog))
-    return from_context(context)
-
-
 def _encoder(device: str) -> tuple[Any, bool]:
-    from .models import CheckpointError, Encoder, GisaxsDAE, load_pretrained
-
     try:
         return load_pretrained(device), True
     except CheckpointError as exc:
@@ -81,12 +68,6 @@ def run(args: argparse.Namespace) -> int:
     import bluesky.plans as bp
     from bluesky import RunEngine
     from bluesky_tiled_plugins import TiledWriter
-
-    from . import query
-    from .callbacks import DAEBinningCallback, serialized
-    from .models import make_binner
-    from .sim.detector import PILATUS_SHAPE, make_gisaxs_detector, make_motors
-    from .sim.scene import default_scene
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
     if args.points < 2:
@@ -104,8 +85,6 @@ def run(args: argparse.Namespace) -> int:
     elif args.view:
         # the catalog served over HTTP (streaming cache in memory), the view mounted in it
         from tiled.catalog import from_uri as catalog_from_uri
-
-        from .view import serve_catalog
 
         (workdir / "catalog").mkdir(parents=True, exist_ok=True)
         catalog_from_uri(f"sqlite:///{workdir / 'catalog' / 'catalog.db'}",
@@ -174,7 +153,6 @@ def run(args: argparse.Namespace) -> int:
                  if args.tiled_uri else f"--catalog {workdir / 'catalog'}")
         print(f"\nlive view of this catalog: gisaxs-bluesky view {where}")
         return 0
-    from .view.server import _wait_for_ctrl_c
 
     url = getattr(view, "view_url", None) or view.url
     print(f"\nlive view still serving at {url}  (Ctrl-C stops)", flush=True)
@@ -185,8 +163,6 @@ def run(args: argparse.Namespace) -> int:
 
 def _start_view(client: Any, args: argparse.Namespace) -> Any:
     """The view beside a remote Tiled (``--tiled-uri``), for ``--view``."""
-    from .view import BackgroundServer, ViewState, build_view_app
-
     state = ViewState(client, tiled_label=args.tiled_uri.split("?")[0])
     server = BackgroundServer(build_view_app(state), "127.0.0.1", args.view_port).start()
     original_stop = server.stop
@@ -204,14 +180,6 @@ def _start_view(client: Any, args: argparse.Namespace) -> Any:
 def _suggest(client: Any, uid: str, ds: Any, scene: Any, workdir: Path,
              lock: threading.Lock) -> list[dict]:
     """Where to measure next (from outliers and bin changes): printed, stored in Tiled, plotted."""
-    from .adaptive import (
-        ScanResults,
-        SuggestConfig,
-        SuggestionWriter,
-        plot_suggestions,
-        suggest_points,
-    )
-
     results = ScanResults.from_dataset(ds, motors=[scene.motor])
     suggestions = suggest_points(
         results, SuggestConfig(limits={scene.motor: scene.extent_mm}), max_points=12

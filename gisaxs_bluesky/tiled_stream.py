@@ -13,27 +13,30 @@ the run's stop document (in the run's metadata) finishes the node. Without strea
 server it polls the same way every ``poll_interval_s``. Restarting resumes: rows already
 stored are skipped.
 
-``gisaxs-bluesky serve --zmq ...`` keeps running the 0MQ consumer of :mod:`gisaxs_bluesky.serve`.
+The command, ``gisaxs-bluesky serve --tiled-stream`` or ``--zmq`` (the 0MQ consumer of
+:mod:`gisaxs_bluesky.serve`), is :mod:`gisaxs_bluesky.serve_cli`.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
-import os
 import queue
-import signal
-import sys
 import threading
 import time
 from typing import Any
 
 import numpy as np
 
-from .frames import FrameGeometry, geometry_from_args, geometry_summary, stream_descriptor
+from .callbacks.dae_binning import scanned_motors
+from .frames import FrameGeometry, geometry_summary, stream_descriptor
+from .models import make_binner
+from .pipeline import BinningPipeline
+from .replay import find_image_key
 from .runtime import DEFAULT_ROOT, RuntimeConfig
+from .store import DerivedStore
+from .tiled_client import probe_streaming
 
-__all__ = ["TiledStreamConsumer", "add_arguments", "run"]
+__all__ = ["TiledStreamConsumer"]
 
 logger = logging.getLogger(__name__)
 
@@ -94,10 +97,6 @@ class TiledStreamConsumer:
         geometry: Any = None,
         geometry_fallback: Any = None,
     ) -> None:
-        from .models import make_binner
-        from .pipeline import BinningPipeline
-        from .store import DerivedStore
-
         if mode not in ("auto", "streaming", "polling"):
             raise ValueError(f"mode={mode!r} must be auto, streaming or polling")
         self.client = client
@@ -127,8 +126,6 @@ class TiledStreamConsumer:
 
     # -- lifecycle ----------------------------------------------------------------------
     def start(self) -> TiledStreamConsumer:
-        from .view.watch import probe_streaming
-
         self._known = set() if self._existing else set(self.client)
         if self.requested_mode != "polling":
             ok, reason = probe_streaming(self.client, [])
@@ -257,8 +254,6 @@ class TiledStreamConsumer:
             return self._maybe_finish(follow, run, available=0)
         stream = run[self.stream]
         if follow.image_key is None:
-            from .replay import find_image_key
-
             data_keys = dict(stream.metadata.get("data_keys", {}))
             try:
                 follow.image_key = find_image_key(data_keys, self.image_key,
@@ -274,7 +269,6 @@ class TiledStreamConsumer:
         if follow.writer is None:
             start = follow.start = dict(run.metadata.get("start", {}))
             follow.descriptor = stream_descriptor(self.stream, stream.metadata)
-            from .callbacks.dae_binning import scanned_motors
 
             follow.writer = self.pipeline.open_writer(
                 self.store, uid, scan_id=start.get("scan_id"), motors=scanned_motors(start),
@@ -359,62 +353,3 @@ class TiledStreamConsumer:
         logger.info("run %s binned (%s, %d frames)", follow.uid, status, len(follow.done))
 
 
-# ----------------------------------------------------------------------------------- CLI
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """``serve``: the 0MQ options of :mod:`gisaxs_bluesky.serve` plus ``--tiled-stream``."""
-    from . import serve
-
-    serve.add_arguments(parser)
-    for action in parser._actions:  # --zmq is required there; here one of the two sources is
-        if "--zmq" in action.option_strings:
-            action.required = False
-    parser.add_argument("--tiled-stream", default=None, metavar="URI",
-                        help="bin runs as TiledWriter writes them to this Tiled (instead of "
-                             "--zmq); derived data go to the same Tiled unless --tiled-uri")
-    parser.add_argument("--mode", choices=["auto", "streaming", "polling"], default="auto",
-                        help="with --tiled-stream: websocket streaming or polling")
-    parser.add_argument("--existing", action="store_true",
-                        help="with --tiled-stream: also bin runs already in Tiled")
-
-
-def run(args: argparse.Namespace) -> int:
-    """``gisaxs-bluesky serve``: 0MQ (``--zmq``) or Tiled streaming (``--tiled-stream``)."""
-    from . import serve
-
-    if bool(args.zmq) == bool(args.tiled_stream):
-        print("error: pass exactly one of --zmq HOST:PORT or --tiled-stream URI",
-              file=sys.stderr)
-        return 2
-    if args.zmq:
-        return serve.run(args)
-    from .replay import connect, load_model
-
-    api_key = args.api_key or os.environ.get("TILED_API_KEY")
-    config = RuntimeConfig.from_args(args)
-    try:
-        geometry, fallback = geometry_from_args(args)
-        client = connect(args.tiled_stream, api_key)
-        target = connect(args.tiled_uri, api_key) if args.tiled_uri else None
-        consumer = TiledStreamConsumer(
-            client, load_model(args.model, args.device), derived_client=target,
-            root=config.root, stream=args.stream or "primary", image_key=args.image_key,
-            batch_size=config.batch_size, backup_dir=config.backup_dir, mode=args.mode,
-            existing=args.existing, geometry=geometry, geometry_fallback=fallback)
-        consumer.start()
-    except Exception as exc:  # noqa: BLE001 - unreachable Tiled, bad key, missing weights
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    stop = threading.Event()
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: stop.set())
-    print(f"following new runs in {args.tiled_stream.split('?')[0]} ({consumer.mode}: "
-          f"{consumer.mode_reason}); derived data -> /{config.root}", file=sys.stderr, flush=True)
-    try:
-        while not stop.wait(0.5):
-            pass
-    except KeyboardInterrupt:
-        pass
-    consumer.stop()
-    print(f"stopped; runs binned: {consumer.runs_done}", file=sys.stderr)
-    return 0

@@ -1,8 +1,10 @@
 """Self-supervised adaptation of the DAE to one beamtime's own, unlabelled frames."""
 
+from .adapt_config import AdaptConfig
 from .calibration import CalibrationConfig, calibrate_from_groups
+from .detector_files import read_detector_file
+from .errors import AdaptationError
 from .finetune import (
-    AdaptConfig,
     AdaptResult,
     adapt,
     list_adapted,
@@ -13,14 +15,12 @@ from .finetune import (
 from .gain import GainError, GainEstimate, estimate_gain, looks_counting, to_photon_counts
 from .noise_model import fit_noise_model
 from .sources import (
-    AdaptationError,
     ArraySource,
     FileSource,
     FrameSource,
     RunSource,
     SourceFrame,
     collect_frames,
-    read_detector_file,
 )
 from .thinning import ThinnedPair, ThinningError, binomial_split, flagged_pixels
 

@@ -9,12 +9,17 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import replay
 from ..models.checkpoint import CheckpointError
+from ..models.loading import model_cache_dir
 from ..sim.noise_transfer import save_noise_model
+from .adapt_config import TRAINABLE, AdaptConfig
 from .calibration import CalibrationConfig
-from .finetune import TRAINABLE, AdaptConfig, adapt, load_adapted, model_cache_dir
+from .detector_files import read_detector_file
+from .errors import AdaptationError
+from .finetune import adapt, load_adapted
 from .noise_model import fit_noise_model
-from .sources import AdaptationError, FileSource, RunSource, read_detector_file
+from .sources import FileSource, RunSource
 
 __all__ = ["add_arguments", "add_source_arguments", "build_sources", "run"]
 
@@ -108,8 +113,6 @@ def _geometry(text: str | None):
 
 def build_sources(args: argparse.Namespace) -> tuple[list, dict | None]:
     """The FrameSources of :func:`add_source_arguments`' options, and the --geometry."""
-    from .. import replay
-
     geometry = _geometry(args.geometry)
     mask = None
     if args.mask:

@@ -24,8 +24,10 @@ import numpy as np
 from event_model import RunRouter
 
 from ..frames import FrameGeometry, FrameReaders, FrameRef, RunFrames, RunFramesOptions
+from ..models import make_binner
 from ..pipeline import BinningPipeline
 from ..runtime import DEFAULT_ROOT
+from ..store import DerivedStore, read_derived
 from .results import ScanResults
 
 __all__ = ["DerivedCallbackResults", "LiveEncoder", "ResultsSource"]
@@ -73,8 +75,6 @@ class LiveEncoder:
         geometry: Any = None,
         geometry_fallback: Any = None,
     ) -> None:
-        from ..models import make_binner
-
         self.encoder = encoder
         self.detector = detector
         self.motors = tuple(motors)
@@ -232,8 +232,6 @@ class DerivedCallbackResults:
 
     def node_for(self, run_uid: str) -> Any:
         """The callback's derived node of ``run_uid`` (None before its first row)."""
-        from ..store import DerivedStore
-
         if self.root not in self.client:
             return None
         root = self.client[self.root]
@@ -248,8 +246,6 @@ class DerivedCallbackResults:
         return hits[keys[-1]] if keys else None
 
     def results(self, run_uid: str) -> ScanResults:
-        from ..store import read_derived
-
         node = self.node_for(run_uid)
         if node is None:
             return ScanResults.empty(self.motors)

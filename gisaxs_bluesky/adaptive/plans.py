@@ -23,6 +23,7 @@ from bluesky.utils import MsgGenerator
 from .live import ResultsSource
 from .results import ScanResults
 from .suggest import SuggestConfig, Suggestion, check_limits, suggest_points
+from .tiled_io import SuggestionWriter
 
 __all__ = ["Suggester", "adaptive_scan"]
 
@@ -124,8 +125,6 @@ def adaptive_scan(
         uid = yield from bps.open_run(_md)
         writer = None
         if client is not None:
-            from .tiled_io import SuggestionWriter
-
             writer = SuggestionWriter(client, uid, [name], metadata={
                 "limits": {name: [lo, hi]}, "budget": int(budget),
                 "num_coarse": int(num_coarse), "start": float(start), "stop": float(stop)})

@@ -21,6 +21,7 @@ import pandas as pd
 import pyarrow as pa
 
 from ..runtime import DEFAULT_ROOT
+from ..store import DerivedStore
 from .suggest import Suggestion
 
 __all__ = ["SUGGESTIONS_SPEC", "SuggestionWriter", "read_suggestions", "suggestions_key"]
@@ -40,8 +41,6 @@ class SuggestionWriter:
     def __init__(self, client: Any, raw_uid: str, motors: Sequence[str], *,
                  root: str = DEFAULT_ROOT, metadata: Mapping[str, Any] | None = None) -> None:
         from tiled.structures.core import Spec
-
-        from ..store import DerivedStore
 
         if not raw_uid:
             raise ValueError(f"raw_uid must be a non-empty str, got {raw_uid!r}")

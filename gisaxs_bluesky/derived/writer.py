@@ -7,7 +7,7 @@ import time
 from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 import xarray as xr
@@ -26,12 +26,23 @@ from .schema import (
     DerivedSchema,
 )
 
-if TYPE_CHECKING:
-    from ..store import DerivedStore
-
-__all__ = ["DerivedRunWriter"]
+__all__ = ["DerivedRunWriter", "NodeStore"]
 
 logger = logging.getLogger("gisaxs_bluesky.store")
+
+
+class NodeStore(Protocol):
+    """What a writer needs of the store that opened it (``gisaxs_bluesky.store.DerivedStore``)."""
+
+    backup_dir: Path
+    summary_interval: float
+
+    @property
+    def server(self) -> str: ...
+
+    def reachable(self) -> bool: ...
+
+    def root_node(self) -> Any: ...
 
 
 def _select(cols: Mapping[str, np.ndarray], mask: np.ndarray) -> dict[str, np.ndarray]:
@@ -41,7 +52,7 @@ def _select(cols: Mapping[str, np.ndarray], mask: np.ndarray) -> dict[str, np.nd
 class DerivedRunWriter:
     """Incrementally writes one derived node; falls back to a local backup when Tiled is down."""
 
-    def __init__(self, store: DerivedStore, key: str, params: dict[str, Any]) -> None:
+    def __init__(self, store: NodeStore, key: str, params: dict[str, Any]) -> None:
         self.store = store
         self.key = key
         self.params = params

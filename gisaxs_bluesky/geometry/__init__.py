@@ -6,18 +6,12 @@ configuration and per-event incidence readings; ``remap_table`` + ``remap`` put 
 fixed (q_z, q_par) grid whatever the instrument.
 """
 
+from .detectors import DETECTORS, DetectorSpec, GeometryError, detector_spec
 from .gather import RemapStats, remap, remap_torch
+from .mapping import START_KEY, START_KEYS
 from .qgrid import QGrid
 from .reciprocal import RemapTable, pixel_q, remap_table
-from .record import (
-    DETECTORS,
-    DetectorSpec,
-    GeometryError,
-    InstrumentGeometry,
-    detector_spec,
-    geometry_from_poni,
-)
-from .mapping import START_KEY, START_KEYS, geometry_from_mapping
+from .record import InstrumentGeometry, geometry_from_mapping, geometry_from_poni
 from .sources import GeometryResolver, GeometryUnavailable, ResolvedGeometry, geometry_for_frame
 
 __all__ = [

@@ -9,8 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from .detectors import HC_KEV_NM, GeometryError
 from .mapping import START_KEY, units_factor
-from .record import HC_KEV_NM, GeometryError
 
 __all__ = ["from_descriptor", "incidence_units"]
 

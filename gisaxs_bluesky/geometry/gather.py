@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 
+from .detectors import GeometryError
 from .reciprocal import RemapTable
-from .record import GeometryError
 
 __all__ = ["RemapStats", "remap", "remap_torch"]
 

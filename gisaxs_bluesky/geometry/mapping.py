@@ -1,20 +1,20 @@
 """The ``gisaxs_geometry`` keys and a mapping of them -> the fields of an InstrumentGeometry.
 
 :data:`START_KEYS` documents what a start document's ``gisaxs_geometry`` (or an explicit
-mapping, or a fallback) may hold; :func:`geometry_from_mapping` builds a record from a
-complete one. Units tables shared with the descriptor readings are here too.
+mapping, or a fallback) may hold; :func:`mapping_fields` turns a complete one into the
+record's fields (``InstrumentGeometry.from_dict``). Units tables shared with the descriptor
+readings are here too.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import fields
 from typing import Any
 
-from .record import HC_KEV_NM, GeometryError, InstrumentGeometry, detector_spec
+from .detectors import HC_KEV_NM, GeometryError, detector_spec
 
-__all__ = ["START_KEY", "START_KEYS", "geometry_from_mapping"]
+__all__ = ["START_KEY", "START_KEYS", "mapping_fields", "record_kwargs"]
 
 #: the start-document key that holds the geometry mapping
 START_KEY = "gisaxs_geometry"
@@ -50,6 +50,9 @@ _FIELDS = (
 _OPTIONAL = {"detector": None, "tilt_deg": 0.0, "tilt_plane_deg": 0.0,
              "polarization_factor": None, "beamstop_radius_px": 0.0}
 
+#: what InstrumentGeometry takes: the fields above (``detector_shape`` as ``shape``), ``extra``
+_RECORD_KEYS = {*_FIELDS, "shape", "extra"}
+
 _WHERE = {
     "detector_shape": "explicit detector_shape, a PONI file, gisaxs_geometry.detector(_shape) "
                       "or the frame's shape in the descriptor",
@@ -82,13 +85,14 @@ def units_factor(kind: str, units: str | None, key: str) -> float:
     return table[str(units).strip().lower()]
 
 
-def geometry_from_mapping(d: Mapping[str, Any]) -> InstrumentGeometry:
-    """A record from a complete mapping of fields (``to_dict`` output or hand-written)."""
+def mapping_fields(d: Mapping[str, Any]) -> dict[str, Any]:
+    """The record's fields (InstrumentGeometry keyword arguments) from a complete mapping
+    (``to_dict`` output or hand-written)."""
     merged = _normalise(d, "geometry")
     missing = [f for f in _FIELDS if f not in merged and f not in _OPTIONAL]
     if missing:
         raise GeometryError(f"geometry: missing {', '.join(missing)}")
-    return _build(merged)
+    return record_kwargs(merged)
 
 
 def _normalise(d: Mapping[str, Any], where: str) -> dict[str, Any]:
@@ -123,17 +127,17 @@ def _normalise(d: Mapping[str, Any], where: str) -> dict[str, Any]:
     return out
 
 
-def _build(merged: Mapping[str, Any]) -> InstrumentGeometry:
+def record_kwargs(merged: Mapping[str, Any]) -> dict[str, Any]:
+    """InstrumentGeometry keyword arguments from merged fields: the stated defaults, a named
+    detector's shape and pixel size, ``detector_shape`` as ``shape``; other keys dropped."""
     values = dict(_OPTIONAL)
     values.update(merged)
     if values.get("detector") is not None:
         spec = detector_spec(values["detector"])
         values.setdefault("detector_shape", spec.shape)
         values.setdefault("pixel_size_mm", spec.pixel_size_mm)
-    names = {f.name for f in fields(InstrumentGeometry)}
-    kwargs = {("shape" if k == "detector_shape" else k): v for k, v in values.items()
-              if k in names or k == "detector_shape"}
-    return InstrumentGeometry(**kwargs)
+    return {("shape" if k == "detector_shape" else k): v for k, v in values.items()
+            if k in _RECORD_KEYS}
 
 
 def _drop(d: Mapping[str, Any], *keys: str) -> dict[str, Any]:

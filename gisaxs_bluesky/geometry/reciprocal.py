@@ -23,8 +23,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .detectors import GeometryError
 from .qgrid import QGrid
-from .record import GeometryError, InstrumentGeometry
+from .record import InstrumentGeometry
 
 __all__ = ["QGrid", "RemapTable", "pixel_q", "remap_table", "static_mask"]
 

@@ -26,18 +26,18 @@ from typing import Any
 import numpy as np
 
 from .descriptor import from_descriptor, incidence_units
+from .detectors import GeometryError, detector_spec
 from .mapping import (
     _FIELDS,
     _OPTIONAL,
     _WHERE,
     START_KEY,
     START_KEYS,
-    _build,
     _drop,
     _normalise,
-    geometry_from_mapping,
+    record_kwargs,
 )
-from .record import GeometryError, InstrumentGeometry, detector_spec, geometry_from_poni
+from .record import InstrumentGeometry, geometry_from_mapping, geometry_from_poni
 
 __all__ = [
     "START_KEY",
@@ -172,7 +172,7 @@ class GeometryResolver:
                 + "; ".join(f"{f} missing (give it as {_WHERE[f]})" for f in missing)
             )
         try:
-            geometry = _build(merged)
+            geometry = InstrumentGeometry(**record_kwargs(merged))
         except GeometryError as exc:
             raise GeometryError(f"{exc} (sources: {sources})") from None
         return ResolvedGeometry(geometry, sources)

@@ -10,14 +10,16 @@ from pathlib import Path
 import numpy as np
 
 from ..binning import OnlineBinner
-from ..sim.dataset import DatasetSpec, iter_identity
 from ..sim.geometry import Geometry
-from ..sim.noise import NOISE_KINDS
+from ..sim.instruments import HELD_OUT
+from ..sim.noise import NOISE_KINDS, NoiseSpec
 from ..sim.sample import STRUCTURES
-from ..sim.simulate import nominal_mask
+from ..sim.simulate import nominal_mask, simulate
 from . import make_binner
+from .dataset import DatasetSpec, _detector_noise, identity_setup, iter_identity
 from .inference import Encoder, load_encoder, load_pretrained, to_detector_resolution
-from .preprocess import frame_scale, preprocess_fine
+from .preprocess import frame_scale, preprocess, preprocess_fine
+from .qmodel import QEncoder
 
 __all__ = [
     "adjusted_rand_index",
@@ -171,8 +173,6 @@ def baseline_bins(frames: list[np.ndarray], masks: list[np.ndarray], n_clusters:
                   seed: int = 0, n_components: int = 10) -> np.ndarray:
     """Log block means (128 x 128, the pixel model's first channel) + PCA + k-means with the
     true number of identities: what plain binning achieves without a model."""
-    from .preprocess import preprocess
-
     x = np.stack([preprocess(f, m)[0].ravel() for f, m in zip(frames, masks, strict=True)])
     x = x - x.mean(0)
     u, sv, _ = np.linalg.svd(x, full_matrices=False)
@@ -215,10 +215,6 @@ def evaluate_instruments(
     in structure type, clean frames flagged as outliers, structure accuracy, radius/distance
     relative RMS; and log block means + PCA + k-means on the same frames.
     """
-    from ..sim.instruments import HELD_OUT
-    from ..sim.simulate import simulate
-    from .qmodel import QEncoder
-
     if not isinstance(qencoder, QEncoder):
         qencoder = QEncoder(qencoder)
     instruments = instruments or tuple(HELD_OUT)
@@ -230,9 +226,6 @@ def evaluate_instruments(
                                seed=seed + 100 * level, instruments=name, dose_counts=dose,
                                p_kind=0.0, binned=False, jitter_geometry=False)
             frames, masks, ids, structure, radius, distance = [], [], [], [], [], []
-            from ..sim.dataset import _detector_noise, identity_setup
-            from ..sim.noise import NoiseSpec
-
             for i in range(n_identities):
                 rng, sample, geometry = identity_setup(spec, i)
                 for _ in range(frames_per_identity):

@@ -16,7 +16,7 @@ from ..sim.noise import NOISE_KINDS
 from ..sim.sample import STRUCTURES
 from .checkpoint import CheckpointError, load_checkpoint
 from .dae import GisaxsDAE
-from .preprocess import _preprocess, preprocess, preprocess_fine
+from .preprocess import preprocess, preprocess_fine, preprocess_with_scale
 
 __all__ = [
     "EncodeResult",
@@ -173,7 +173,7 @@ class Encoder:
         cfg = self.preprocess_config
         if len(frames) == 1:
             # one frame: its two halves on two threads (the compiled passes release the GIL)
-            return _preprocess(frames[0], mask, cfg, pool=self._pool)[0][None]
+            return preprocess_with_scale(frames[0], mask, cfg, pool=self._pool)[0][None]
         return np.stack(list(self._pool.map(lambda f: preprocess(f, mask, cfg), frames)))
 
     def preprocess_with_fine(self, frames, mask: np.ndarray | None = None
@@ -182,7 +182,7 @@ class Encoder:
         cfg = self.preprocess_config
 
         def one(frame):
-            x, scale = _preprocess(frame, mask, cfg)
+            x, scale = preprocess_with_scale(frame, mask, cfg)
             return x, preprocess_fine(frame, scale, mask, cfg.fine_shape)
 
         pairs = list(self._pool.map(one, _as_frames(frames)))

@@ -13,282 +13,29 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
-import h5py
 import numpy as np
 import torch
-from torch.nn import functional as F
 from tqdm import tqdm
 
-from ..binning import OnlineBinner
-from ..config import BinnerConfig, ModelConfig, PreprocessConfig
+from ..config import ModelConfig, PreprocessConfig
 from ..sim.noise import NOISE_KINDS
 from ..sim.sample import STRUCTURES
 from .checkpoint import file_sha256, load_checkpoint, save_checkpoint
 from .dae import GisaxsDAE
-from .inference import recon_error, resolve_device
-from .preprocess import N_CHANNELS
+from .inference import resolve_device
+from .losses import training_losses
+from .refit import refit_noise_head, train_denoiser
+from .steps import Precision, add_losses, optimizer_step, start_run
+from .train_config import TrainConfig
+from .training_data import TrainingData
+from .validation import calibrate_binner, validation_metrics
 
-__all__ = ["TrainConfig", "TrainingData", "train", "train_denoiser", "refit_noise_head",
-           "autocast_dtype", "add_arguments", "run"]
+__all__ = ["train", "add_arguments", "run"]
 
 log = logging.getLogger(__name__)
-LATTICE = torch.tensor([s not in ("spheres_dilute", "cylinders_dilute") for s in STRUCTURES])
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    epochs: int = 20
-    batch_identities: int = 32  # each identity brings all its noisy frames to the batch
-    lr: float = 2e-3
-    weight_decay: float = 1e-4
-    seed: int = 0
-    w_recon: float = 10.0
-    w_noise: float = 3.0
-    w_structure: float = 1.0
-    w_size: float = 4.0
-    w_consistency: float = 1.0
-    w_denoise: float = 10.0
-    denoise_crop: int = 64  # the denoiser trains on random crops of the 256 x 256 frames
-    # the noise branch is refit on frozen features after the joint epochs (noise_refit_epochs),
-    # at the model's size (ModelConfig.noise_hidden / noise_dim); during the joint epochs it is
-    # this small, so that it cannot memorise the training frames and the shared encoder must
-    # carry the noise kinds in features that generalise (a full-size branch there learnt the
-    # training frames' beamstop shadows: val beamstop F1 0.50 instead of 0.80)
-    noise_refit_epochs: int = 40
-    joint_noise_hidden: int = 64
-    joint_noise_dim: int = 8
-    # "auto": float16 autocast on CUDA, bfloat16 autocast on CPUs that compute it natively
-    # (AVX512-BF16 / AMX: ~25 % faster epochs), else float32; or "fp32", "bf16", "fp16"
-    precision: str = "auto"
-    num_threads: int | None = None
-
-
-class TrainingData:
-    """A binned simulated set (from `gisaxs-bluesky simulate`) held in memory as tensors."""
-
-    def __init__(self, path: str | Path) -> None:
-        path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"training data {path} does not exist (make it with `gisaxs-bluesky simulate`)")
-        with h5py.File(path, "r") as f:
-            if "inputs" not in f:
-                raise ValueError(f"{path} holds full frames; training needs a binned set (no --full)")
-            self.inputs = torch.from_numpy(f["inputs"][:])
-            if self.inputs.shape[1] != N_CHANNELS:
-                raise ValueError(f"{path} holds {self.inputs.shape[1]}-channel inputs; this version "
-                                 f"needs {N_CHANNELS}: simulate the set again")
-            # the denoiser's 256 x 256 frames (sets made before it existed lack them)
-            self.fine = torch.from_numpy(f["fine"][:]) if "fine" in f else None
-            self.fine_target = torch.from_numpy(f["fine_target"][:]) if "fine" in f else None
-            self.target = torch.from_numpy(f["target"][:])
-            self.noise = torch.from_numpy(f["noise_vector"][:])
-            self.structure = torch.from_numpy(f["structure_index"][:])
-            self.radius = torch.from_numpy(f["radius_nm"][:])
-            self.distance = torch.from_numpy(f["distance_nm"][:])
-            self.identity = torch.from_numpy(f["identity"][:])
-            self.dose = torch.from_numpy(f["dose_counts"][:])
-            self.description = {k: (v.item() if hasattr(v, "item") else str(v))
-                                for k, v in f.attrs.items() if k not in ("noise_kinds", "structures")}
-        self.path = path
-        ids, self.identity_index = torch.unique(self.identity, return_inverse=True)
-        self.n_identities = len(ids)
-        order = torch.argsort(self.identity_index, stable=True)
-        counts = torch.bincount(self.identity_index)
-        self.frames_of = list(torch.split(order, counts.tolist()))
-
-    def __len__(self) -> int:
-        return len(self.inputs)
-
-    def batch(self, identities: torch.Tensor) -> torch.Tensor:
-        return torch.cat([self.frames_of[i] for i in identities.tolist()])
-
-
-def _denoise_errors(model: GisaxsDAE, data: TrainingData, idx: torch.Tensor,
-                    prior: torch.Tensor, size: int, device: torch.device, flip: bool,
-                    rng: np.random.Generator) -> tuple[torch.Tensor, ...]:
-    """Per-frame masked MSE of the denoiser and of the plain block means on one random crop
-    (the same for the whole batch), and the number of valid blocks. ``prior`` is the decoder
-    output of the frames, mirrored already when ``flip``."""
-    fine, target = data.fine[idx], data.fine_target[idx]
-    if flip:
-        fine, target = fine.flip(-1), target.flip(-1)
-    factor = fine.shape[-1] // prior.shape[-1]
-    r, c = (int(v) * factor for v in rng.integers(0, (fine.shape[-1] - size) // factor + 1, 2))
-    fine = fine[..., r : r + size, c : c + size].to(device).float()
-    target = target[..., r : r + size, c : c + size].to(device).float()
-    prior = prior[..., r // factor : (r + size) // factor, c // factor : (c + size) // factor]
-    out = model.denoise(prior.to(device), fine).float()
-    weight = ((fine[:, 1] > 0) & (target > 0)).float()
-    n = weight.sum(dim=(1, 2))
-    err = ((out - target) ** 2 * weight).sum(dim=(1, 2)) / n.clamp_min(1)
-    base = ((fine[:, 0] - target) ** 2 * weight).sum(dim=(1, 2)) / n.clamp_min(1)
-    return err, base, n
-
-
-def _losses(model: GisaxsDAE, data: TrainingData, idx: torch.Tensor, cfg: TrainConfig,
-            device: torch.device, flip: bool,
-            rng: np.random.Generator | None = None) -> dict[str, torch.Tensor]:
-    # channels-last: oneDNN's convolutions (forward and backward) run ~10 % faster on CPU
-    x = data.inputs[idx].to(device).float().contiguous(memory_format=torch.channels_last)
-    target = data.target[idx].to(device).float()
-    if flip:  # GISAXS is left-right symmetric about the beam; mirrored frames are physical too
-        x, target = x.flip(-1), target.flip(-1)
-    out = {k: v.float() for k, v in model(x).items()}  # losses in fp32 under autocast too
-    weight = (target > 0).float()
-    recon = ((out["recon"] - target) ** 2 * weight).sum() / weight.sum().clamp_min(1)
-    noise = F.binary_cross_entropy_with_logits(out["noise_logits"], data.noise[idx].to(device))
-    structure_idx = data.structure[idx].to(device)
-    structure = F.cross_entropy(out["structure_logits"], structure_idx)
-    log_r = torch.log(data.radius[idx].to(device))
-    log_d = torch.log(data.distance[idx].to(device))
-    size_r = F.mse_loss(out["log_radius"], log_r)
-    lattice = LATTICE.to(device)[structure_idx].float()
-    size_d = ((out["log_distance"] - log_d) ** 2 * lattice).sum() / lattice.sum().clamp_min(1)
-    # consistency: identity latents of one sample under different noise should coincide,
-    # measured relative to the spread between samples so that shrinking the latent cannot cheat
-    z = out["z_identity"].float()
-    ident = data.identity_index[idx].to(device)
-    same = (ident[:, None] == ident[None, :]).float() - torch.eye(len(idx), device=device)
-    d2 = torch.cdist(z, z) ** 2
-    within = (d2 * same).sum() / same.sum().clamp_min(1)
-    between = (d2 * (1 - same)).sum() / (1 - same).sum().clamp_min(1)
-    consistency = within / between.clamp_min(1e-6)
-    total = (cfg.w_recon * recon + cfg.w_noise * noise + cfg.w_structure * structure
-             + cfg.w_size * (size_r + size_d) + cfg.w_consistency * consistency)
-    losses = {"recon": recon, "noise": noise, "structure": structure, "radius": size_r,
-              "distance": size_d, "consistency": consistency}
-    if data.fine is not None and cfg.w_denoise > 0:
-        err, _, n = _denoise_errors(model, data, idx, out["recon"].detach(), cfg.denoise_crop,
-                                    device, flip, rng or np.random.default_rng())
-        losses["denoise"] = (err * n).sum() / n.sum().clamp_min(1)
-        total = total + cfg.w_denoise * losses["denoise"]
-    return {"total": total, **losses}
-
-
-@torch.inference_mode()
-def predict(model: GisaxsDAE, inputs: torch.Tensor, device: torch.device, batch: int = 256) -> dict:
-    """Model outputs for preprocessed inputs, as numpy (used for validation and calibration)."""
-    model.eval()
-    parts = []
-    for start in range(0, len(inputs), batch):
-        x = inputs[start : start + batch].to(device).float()
-        out = model(x)
-        parts.append({
-            "z_identity": out["z_identity"], "noise_prob": torch.sigmoid(out["noise_logits"]),
-            "structure": out["structure_logits"].argmax(1), "radius": out["log_radius"].exp(),
-            "distance": out["log_distance"].exp(), "recon": out["recon"],
-            "recon_error": recon_error(out["recon"], x),
-        })
-    return {k: torch.cat([p[k] for p in parts]).cpu().numpy() for k in parts[0]}
-
-
-def validation_metrics(model: GisaxsDAE, data: TrainingData, device: torch.device) -> dict:
-    p = predict(model, data.inputs, device)
-    truth = data.noise.numpy() > 0.5
-    pred = p["noise_prob"] > 0.5
-    f1 = []
-    for k in range(truth.shape[1]):
-        tp = (pred[:, k] & truth[:, k]).sum()
-        denom = pred[:, k].sum() + truth[:, k].sum()
-        f1.append(2 * tp / denom if denom else 1.0)
-    lattice = LATTICE.numpy()[data.structure.numpy()]
-    radius = data.radius.numpy()
-    distance = data.distance.numpy()
-    return {
-        "noise_macro_f1": float(np.mean(f1)),
-        "noise_f1": {k: float(v) for k, v in zip(NOISE_KINDS, f1, strict=True)},
-        "structure_accuracy": float((p["structure"] == data.structure.numpy()).mean()),
-        "radius_rel_rmse": float(np.sqrt(np.mean((p["radius"] / radius - 1) ** 2))),
-        "distance_rel_rmse": float(np.sqrt(np.mean(((p["distance"] / distance - 1)[lattice]) ** 2))),
-    }
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``precision`` on ``device`` (None: plain float32)."""
-    if precision not in ("auto", "fp32", "bf16", "fp16"):
-        raise ValueError(f"precision={precision!r}: expected auto, fp32, bf16 or fp16")
-    if precision == "fp32":
-        return None
-    if precision == "fp16" or (precision == "auto" and device.type == "cuda"):
-        if device.type != "cuda":
-            raise ValueError("precision='fp16' needs a CUDA device; use bf16 or fp32 on CPU")
-        return torch.float16
-    if precision == "bf16":
-        return torch.bfloat16
-    native = device.type == "cpu" and torch.backends.mkldnn.is_available() and bool(
-        getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)())
-    return torch.bfloat16 if native else None
-
-
-def refit_noise_head(model: GisaxsDAE, data: TrainingData, device: torch.device, *,
-                     epochs: int = 40, batch: int = 128, lr: float = 2e-3,
-                     weight_decay: float = 1e-3, seed: int = 0, progress: bool = True,
-                     size: tuple[int, int] | None = None) -> dict:
-    """Refit the noise branch (``to_noise`` and ``noise_head``, from fresh weights; of
-    ``size`` = (noise_hidden, noise_dim) if given) on the frozen encoder's features of
-    ``data`` and its mirror image.
-
-    The joint epochs shape the encoder's features for every task at once; the noise kinds are
-    learnt last and slowest there. With the features fixed, the branch trains in seconds per
-    epoch, so it gets many more epochs than the joint training could afford. Nothing else
-    changes: identity latents, reconstructions, bins and outlier scores stay as they are.
-    """
-    t0 = time.time()
-    model.eval()
-    feats = []
-    with torch.inference_mode():
-        for flip in (False, True):
-            for start in range(0, len(data), 256):
-                x = data.inputs[start : start + 256].to(device).float()
-                feats.append(model.features(x.flip(-1) if flip else x)[1].float())
-    features = torch.cat(feats).clone()  # out of inference mode, so autograd can use it
-    labels = torch.cat([data.noise, data.noise]).to(device).float()
-    torch.manual_seed(seed)
-    size = size or (model.config.noise_hidden, model.config.noise_dim)
-    model.replace_noise_branch(*size)
-    branch = [*model.to_noise, model.noise_head]
-    params = [p for layer in branch for p in layer.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    steps = max(len(features) // batch, 1)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=epochs * steps)
-    gen = torch.Generator().manual_seed(seed)
-    history = []
-    bar = tqdm(range(epochs), desc="noise branch", disable=not progress, unit="epoch")
-    for epoch in bar:
-        order = torch.randperm(len(features), generator=gen)
-        total = 0.0
-        for step in range(steps):
-            idx = order[step * batch : (step + 1) * batch].to(device)
-            logits = model.noise_head(model.to_noise(features[idx]))
-            loss = F.binary_cross_entropy_with_logits(logits, labels[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            total += float(loss.detach())
-        history.append(round(total / steps, 5))
-        bar.set_postfix(loss=f"{history[-1]:.4f}")
-    model.eval()
-    return {"epochs": epochs, "frames": len(features), "lr": lr, "weight_decay": weight_decay,
-            "noise_hidden": size[0], "noise_dim": size[1],
-            "seconds": round(time.time() - t0, 1), "loss": history}
-
-
-def calibrate_binner(model: GisaxsDAE, data: TrainingData, device: torch.device,
-                     config: BinnerConfig | None = None,
-                     clean: TrainingData | None = None) -> OnlineBinner:
-    """Spread from held-out frames of known identity; outlier thresholds from clean frames."""
-    p = predict(model, data.inputs, device)
-    kw = {}
-    if clean is not None:
-        c = predict(model, clean.inputs, device)
-        kw = {"clean_latent": c["z_identity"], "clean_recon_error": c["recon_error"],
-              "clean_identity_label": clean.identity.numpy()}
-    return OnlineBinner(config).calibrate(p["z_identity"], data.identity.numpy(), p["recon_error"],
-                                          **kw)
 
 
 def train(
@@ -309,10 +56,7 @@ def train(
     cfg = config or TrainConfig()
     out = Path(out)
     dev = resolve_device(device)
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
-    torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
+    rng = start_run(cfg.seed, cfg.num_threads)
     data = TrainingData(data_path)
     val = TrainingData(val_path) if val_path else None
     final_config = model_config or ModelConfig()
@@ -347,11 +91,8 @@ def train(
         history = list(card.get("history", []))
         rng = np.random.default_rng([cfg.seed, start_epoch])
         log.info("resuming %s at epoch %d of %d", out, start_epoch, cfg.epochs)
-    amp_dtype = autocast_dtype(cfg.precision, dev)
-    use_amp = amp_dtype is not None
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
-    log.info("training on %s with %s", dev, "fp32" if amp_dtype is None else
-             f"{str(amp_dtype).removeprefix('torch.')} autocast")
+    precision = Precision(cfg.precision, dev)
+    log.info("training on %s with %s", dev, precision)
     card: dict = {}
     t0 = time.time()
     for epoch in range(start_epoch, cfg.epochs):
@@ -363,15 +104,11 @@ def train(
         for step in bar:
             ids = order[step * cfg.batch_identities : (step + 1) * cfg.batch_identities]
             idx = data.batch(ids)
-            with torch.autocast(dev.type, enabled=use_amp, dtype=amp_dtype or torch.float32):
-                losses = _losses(model, data, idx, cfg, dev, flip=bool(rng.random() < 0.5), rng=rng)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(losses["total"]).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            for k, v in losses.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach())
+            with precision.autocast():
+                losses = training_losses(model, data, idx, cfg, dev,
+                                         flip=bool(rng.random() < 0.5), rng=rng)
+            optimizer_step(losses["total"], optimizer, scheduler, precision.scaler)
+            add_losses(sums, losses)
             bar.set_postfix(loss=f"{float(losses['total'].detach()):.3f}")
         epoch_losses = {k: v / steps_per_epoch for k, v in sums.items()}
         entry = {"epoch": epoch + 1, "loss": epoch_losses, "elapsed_s": round(time.time() - t0, 1)}
@@ -406,76 +143,6 @@ def train(
     else:
         card["sha256"] = file_sha256(out)
     return card
-
-
-def train_denoiser(
-    checkpoint: str | Path,
-    data_path: str | Path,
-    out: str | Path,
-    *,
-    epochs: int = 10,
-    batch_frames: int = 32,
-    crop: int = 128,
-    lr: float = 2e-3,
-    seed: int = 0,
-    device: str = "auto",
-    progress: bool = True,
-) -> dict:
-    """Fine-tune only the denoiser of ``checkpoint`` on ``data_path`` and write ``out``.
-
-    Meant for a set with photon noise only (``simulate --p-kind 0``): the joint training asks
-    the denoiser to remove artefacts too, which costs it on frames that have none. Everything
-    else (encoder, decoder, heads, binner calibration) stays as it is, so latents, bins and
-    outlier scores do not change.
-    """
-    dev = resolve_device(device)
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    model, card, _ = load_checkpoint(checkpoint, map_location=dev)
-    model.to(dev)
-    data = TrainingData(data_path)
-    if data.fine is None:
-        raise ValueError(f"{data_path} has no 256 x 256 frames ('fine'): simulate it again")
-    prior = torch.from_numpy(predict(model, data.inputs, dev)["recon"])
-    for p in model.parameters():
-        p.requires_grad_(False)
-    params = list(model.refine.parameters())
-    for p in params:
-        p.requires_grad_(True)
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    steps = math.ceil(len(data) / batch_frames)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=epochs * steps)
-    history = []
-    model.refine.train()
-    for epoch in range(epochs):
-        order = torch.from_numpy(rng.permutation(len(data)))
-        total = 0.0
-        bar = tqdm(range(steps), desc=f"denoiser {epoch + 1}/{epochs}", disable=not progress,
-                   unit="batch")
-        for step in bar:
-            idx = order[step * batch_frames : (step + 1) * batch_frames]
-            flip = bool(rng.random() < 0.5)
-            pr = prior[idx].flip(-1) if flip else prior[idx]
-            err, base, _ = _denoise_errors(model, data, idx, pr, crop, dev, flip, rng)
-            # relative to what block means alone leave (per frame), so that frames at every
-            # dose count alike, not just the starved ones whose errors are largest
-            loss = (err / (base + 2e-3)).mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            total += float(loss.detach())
-            bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
-        history.append({"epoch": epoch + 1, "loss_vs_block_means": total / steps})
-        log.info("denoiser epoch %d: error / block-mean error %.4f", epoch + 1, total / steps)
-    for p in model.parameters():
-        p.requires_grad_(True)
-    card = {k: v for k, v in card.items() if k != "sha256"}
-    card["denoiser_training"] = {
-        "from": str(checkpoint), "path": str(data.path), "frames": len(data),
-        "spec": data.description, "epochs": epochs, "crop": crop, "history": history,
-    }
-    return save_checkpoint(out, model, card)
 
 
 def _card(model, data, val, cfg, name, version, history, epochs_done) -> dict:

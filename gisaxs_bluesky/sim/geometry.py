@@ -7,6 +7,8 @@ from functools import cached_property
 
 import numpy as np
 
+from ..geometry import DETECTORS, InstrumentGeometry, detector_spec
+
 __all__ = ["Detector", "Geometry", "PILATUS_1M"]
 
 
@@ -36,8 +38,6 @@ class Detector:
     @classmethod
     def named(cls, name: str) -> Detector:
         """One of ``gisaxs_bluesky.geometry.DETECTORS`` (module gaps from pyFAI's mask)."""
-        from ..geometry import detector_spec
-
         spec = detector_spec(name)
         mask = spec.inactive_mask() if spec.active_radius_px == 0 else np.zeros(spec.shape, bool)
         return cls(name=spec.name, shape=spec.shape, pixel_size_mm=spec.pixel_size_mm[0],
@@ -168,8 +168,6 @@ class Geometry:
 
     def instrument(self):
         """This set-up as the instrument-geometry record that travels with a frame."""
-        from ..geometry import DETECTORS, InstrumentGeometry
-
         spec = DETECTORS.get(self.detector.name)
         known = spec is not None and spec.shape == self.shape
         p = self.detector.pixel_size_mm

@@ -11,7 +11,7 @@ from scipy import ndimage
 
 from . import noise as _noise
 from .geometry import Geometry
-from .noise import NOISE_KINDS, OVERFLOW_COUNTS, NoiseSpec
+from .noise import OVERFLOW_COUNTS, NoiseSpec
 from .physics import fresnel_r, scattered_intensity
 from .sample import Sample
 

@@ -7,11 +7,12 @@
 * :mod:`.server` -- serving it beside a Tiled server or inside a local catalog's Tiled; CLI.
 """
 
+from ..tiled_client import probe_streaming
 from .app import ViewState, build_view_app, mount_view, plotly_js_path
-from .data import RunRows, ViewConfig, frame_preview
+from .data import RunRows, ViewConfig
 from .medoid import MedoidFrames
 from .server import BackgroundServer, ServedCatalog, serve_catalog
-from .watch import Watcher, probe_streaming
+from .watch import Watcher
 
 __all__ = [
     "BackgroundServer",
@@ -22,7 +23,6 @@ __all__ = [
     "ViewState",
     "Watcher",
     "build_view_app",
-    "frame_preview",
     "mount_view",
     "plotly_js_path",
     "probe_streaming",

@@ -22,6 +22,7 @@ import numpy as np
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, StreamingResponse
 
+from ..qserver import DecisionError, QueueBridge
 from ..runtime import DEFAULT_ROOT
 from .data import ViewConfig, umap_available
 from .medoid import MedoidFrames
@@ -64,8 +65,6 @@ class ViewState:
                  mode: str = "auto", poll_interval_s: float = 0.5,
                  config: ViewConfig | None = None, tiled_label: str = "",
                  model: Any = None) -> None:
-        from ..qserver import QueueBridge
-
         self.client = client
         self.root = root
         self.bridge = bridge if bridge is not None else QueueBridge(client, None, root=root)
@@ -217,8 +216,6 @@ def build_view_app(state: ViewState | None = None) -> Any:
 
     @app.get("/api/suggestions/{raw_uid}")
     def suggestions(raw_uid: str) -> Any:
-        from ..qserver import DecisionError
-
         s = view()
         try:
             return ok({"raw_uid": raw_uid, "suggestions": s.bridge.suggestions(raw_uid)})
@@ -229,8 +226,6 @@ def build_view_app(state: ViewState | None = None) -> Any:
 
     @app.post("/api/decide")
     async def decide(request: Request) -> Any:
-        from ..qserver import DecisionError
-
         s = view()
         body = await request.json()
         try:

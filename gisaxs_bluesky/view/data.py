@@ -20,7 +20,7 @@ import pandas as pd
 from ..derived import DerivedSchema
 from ..store import TABLE_KEY
 
-__all__ = ["ViewConfig", "RunRows", "run_summary", "frame_preview", "umap_available"]
+__all__ = ["ViewConfig", "RunRows", "run_summary", "umap_available"]
 
 #: identity-latent size of the shipped DAE (DAEConfig.identity_dim); the noise part follows
 DEFAULT_IDENTITY_DIM = 16
@@ -311,18 +311,3 @@ class RunRows:
         """Payload for rows just merged: their points plus the updated summary."""
         with self.lock:
             return {"key": self.key, "points": self.points(new), **self.summary()}
-
-
-def frame_preview(frame: np.ndarray, max_pixels: int = 128) -> dict[str, Any]:
-    """A detector frame as log10(counts + 1), block-averaged to <= max_pixels per side."""
-    a = np.asarray(frame, dtype=np.float64)
-    while a.ndim > 2:
-        a = a[0]
-    if a.ndim != 2:
-        raise ValueError(f"frame has shape {np.shape(frame)}, expected a 2-D image")
-    f = max(int(np.ceil(max(a.shape) / max_pixels)), 1)
-    h, w = (a.shape[0] // f) * f, (a.shape[1] // f) * f
-    block = np.clip(a[:h, :w], 0, None).reshape(h // f, f, w // f, f).mean(axis=(1, 3))
-    z = np.log10(block + 1.0)
-    return {"z": np.round(z, 3).tolist(), "shape": list(a.shape), "binning": f,
-            "axes": "pixels (q axes once the instrument geometry is recorded)"}

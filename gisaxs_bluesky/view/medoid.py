@@ -27,13 +27,20 @@ from typing import Any
 
 import numpy as np
 
-from ..geometry import GeometryError, GeometryResolver, InstrumentGeometry, QGrid, pixel_q
+from ..geometry import (
+    GeometryError,
+    GeometryResolver,
+    InstrumentGeometry,
+    QGrid,
+    pixel_q,
+    remap_table,
+)
 from ..geometry import remap as remap_frames
-from ..geometry import remap_table
 from ..models import Encoder, load_model
 from ..models.inference import PRETRAINED_NAME, to_detector_resolution
-from ..models.preprocess import frame_scale
+from ..models.preprocess import frame_scale, preprocess_q
 from ..models.qmodel import grid_from_card, is_qgrid_card
+from ..replay import find_image_key
 
 __all__ = ["MedoidFrames", "q_grid_for"]
 
@@ -161,8 +168,6 @@ class MedoidFrames:
         stream = run[metadata.get("stream") or "primary"]
         image_key = metadata.get("image_key")
         if not image_key:
-            from ..replay import find_image_key
-
             image_key = find_image_key(dict(stream.metadata.get("data_keys", {})), None,
                                        where=f"run {metadata['raw_uid']}")
         index = int(seq_num) - 1
@@ -236,8 +241,6 @@ class MedoidFrames:
                      encoder: Encoder) -> dict:
         """A q-grid model: its own grid, its decoder's clean pattern (half the grid's
         resolution), |q_par| as the model sees it."""
-        from ..models.preprocess import preprocess_q
-
         grid = grid_from_card(encoder.card)
         x = preprocess_q(frame, geometry, grid=grid)
         d = encoder.encode_preprocessed(x, return_denoised=True)["denoised"][0]

@@ -21,6 +21,8 @@ from typing import Any
 
 import uvicorn
 
+from ..qserver import QueueBridge
+from ..replay import connect
 from ..runtime import DEFAULT_ROOT
 from .app import ViewState, build_view_app, mount_view
 from .data import ViewConfig
@@ -123,8 +125,6 @@ class ServedCatalog:
         return from_uri(self.tiled_uri, api_key=self.api_key)
 
     def start(self) -> ServedCatalog:
-        from ..qserver import QueueBridge
-
         self.server.start()
         client = self.client()
         bridge = QueueBridge(client, **self.bridge_kwargs)
@@ -196,8 +196,6 @@ def _wait_for_ctrl_c(stop: threading.Event) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """``gisaxs-bluesky view``: serve until Ctrl-C; 2 on a start-up error."""
-    from ..qserver import QueueBridge
-
     config = ViewConfig(max_points=args.max_points)
     view_kwargs = {"root": args.root, "mode": args.mode, "poll_interval_s": args.poll_interval,
                    "config": config, "model": args.model}
@@ -208,8 +206,6 @@ def run(args: argparse.Namespace) -> int:
                                    bridge_kwargs=_bridge_kwargs(args)).start()
             url, stop_fn, state = served.view_url, served.stop, served.state
         else:
-            from ..replay import connect
-
             uri = args.tiled_uri or os.environ.get("GISAXS_TILED_URI")
             if not uri:
                 print("error: pass --tiled-uri URI or --catalog DIR (or set GISAXS_TILED_URI)",

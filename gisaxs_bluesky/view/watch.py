@@ -1,9 +1,7 @@
 """Follow derived data in Tiled: Tiled's websocket streaming where offered, else polling.
 
-:func:`probe_streaming` opens Tiled's ``/stream/single/<root>`` websocket once: a server
-started with a streaming cache (``tiled serve ... --cache redis://...``, or a catalog built
-with ``cache_config``) answers with the container schema; one without refuses the socket.
-:class:`Watcher` then either subscribes (root container: new runs, metadata updates; each
+:func:`~gisaxs_bluesky.tiled_client.probe_streaming` says whether the server streams the
+root container (a server started with a streaming cache does). :class:`Watcher` then either subscribes (root container: new runs, metadata updates; each
 followed run's ``frames`` table: appended rows arrive with their payload, no re-read) or polls
 (metadata and table re-read every ``poll_interval_s``). Either way listeners get
 ``(event, payload)`` with event in ``runs``, ``rows``, ``meta``, ``suggestions``, ``status``.
@@ -22,44 +20,14 @@ import pandas as pd
 from ..adaptive.tiled_io import SUGGESTIONS_SPEC
 from ..runtime import DEFAULT_ROOT
 from ..store import DERIVED_SPEC, TABLE_KEY, tiled_reachable
+from ..tiled_client import probe_streaming
 from .data import RunRows, ViewConfig, run_summary
 
-__all__ = ["probe_streaming", "Watcher"]
+__all__ = ["Watcher"]
 
 logger = logging.getLogger(__name__)
 
 Listener = Callable[[str, dict], None]
-
-
-def _ws_url(context: Any, segments: list[str]) -> str:
-    base = context.api_uri
-    scheme = "wss" if base.scheme == "https" else "ws"
-    path = base.path.rstrip("/") + "/stream/single/" + "/".join(segments)
-    return str(base.copy_with(scheme=scheme, path=path, query=None))
-
-
-def probe_streaming(client: Any, segments: list[str], timeout_s: float = 3.0) -> tuple[bool, str]:
-    """Whether Tiled streams updates of the node at ``segments``; (ok, reason in words)."""
-    context = client.context
-    if getattr(context.http_client, "app", None) is not None:
-        return False, "in-process Tiled client (no websocket to subscribe to)"
-    try:
-        from websockets.sync.client import connect
-    except ImportError:
-        return False, "the websockets package is not installed"
-    headers = {}
-    if context.api_key:
-        headers["Authorization"] = f"Apikey {context.api_key}"
-    url = _ws_url(context, segments)
-    try:
-        with connect(url + "?envelope_format=msgpack", additional_headers=headers,
-                     open_timeout=timeout_s, close_timeout=1) as ws:
-            ws.recv(timeout=timeout_s)  # the node's schema message
-    except Exception as exc:  # noqa: BLE001 - refused handshake, timeout, closed
-        return False, (f"Tiled offers no streaming for /{'/'.join(segments)} "
-                       f"({type(exc).__name__}: {exc}); start it with a streaming cache, "
-                       "e.g. `tiled serve ... --cache redis://HOST:6379`")
-    return True, "Tiled websocket streaming (server-side streaming cache)"
 
 
 class Watcher:

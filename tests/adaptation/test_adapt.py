@@ -9,20 +9,16 @@ import pytest
 import tifffile
 import torch
 
-from gisaxs_bluesky.adaptation.finetune import (
-    AdaptConfig,
-    _counts_converter,
-    adapt,
-    list_adapted,
-    load_adapted,
-    resolve_model,
-)
-from gisaxs_bluesky.adaptation.sources import AdaptationError, SourceFrame
+from gisaxs_bluesky.adaptation.adapt_config import AdaptConfig
+from gisaxs_bluesky.adaptation.errors import AdaptationError
+from gisaxs_bluesky.adaptation.finetune import adapt, list_adapted, load_adapted, resolve_model
+from gisaxs_bluesky.adaptation.halves import counts_converter
+from gisaxs_bluesky.adaptation.sources import SourceFrame
 from gisaxs_bluesky.adaptation.thinning import ThinningError
 from gisaxs_bluesky.cli import main
 from gisaxs_bluesky.models import load_checkpoint, make_binner, pretrained_path
+from gisaxs_bluesky.models.dataset import DatasetSpec, generate
 from gisaxs_bluesky.sim import Geometry, NoiseSpec, Sample, simulate
-from gisaxs_bluesky.sim.dataset import DatasetSpec, generate
 
 TINY = AdaptConfig(epochs=1, batch_frames=2, thinnings=2)
 
@@ -147,13 +143,13 @@ def test_integrating_frames_are_converted_with_the_estimated_gain():
                    NoiseSpec(dose_counts=5.0), seed=0, compute_binning=6).expected[:400, 300:700]
     frames = [SourceFrame(rng.poisson(lam) * 2.5 + rng.normal(0, 1.5, lam.shape), f"ccd{i}")
               for i in range(2)]
-    conv, report = _counts_converter(frames, AdaptConfig(), None)
+    conv, report = counts_converter(frames, AdaptConfig(), None)
     est = conv[(400, 400)]
     assert report["400x400"]["detector"] == "integrating"
     assert est.gain_adu_per_photon == pytest.approx(2.5, rel=0.1)
     # integer ADU of a CCD (uint16) with gain 2.5 are not taken for photon counts
     ints = [SourceFrame(np.rint(f.frame).clip(0).astype(np.uint16), f.source) for f in frames]
-    conv, report = _counts_converter(ints, AdaptConfig(), None)
+    conv, report = counts_converter(ints, AdaptConfig(), None)
     assert report["400x400"]["detector"] == "integrating"
-    conv, report = _counts_converter(ints, AdaptConfig(), 2.0)
+    conv, report = counts_converter(ints, AdaptConfig(), 2.0)
     assert conv[(400, 400)].gain_adu_per_photon == 2.0

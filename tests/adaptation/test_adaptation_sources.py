@@ -12,13 +12,9 @@ import pytest
 import tifffile
 from bluesky_tiled_plugins import TiledWriter
 
-from gisaxs_bluesky.adaptation.sources import (
-    AdaptationError,
-    FileSource,
-    RunSource,
-    collect_frames,
-    read_detector_file,
-)
+from gisaxs_bluesky.adaptation.detector_files import read_detector_file
+from gisaxs_bluesky.adaptation.errors import AdaptationError
+from gisaxs_bluesky.adaptation.sources import FileSource, RunSource, collect_frames
 from gisaxs_bluesky.sim.detector import make_gisaxs_detector, make_motors
 
 SHAPE = (96, 80)

@@ -15,7 +15,7 @@ from gisaxs_bluesky.adaptation.sources import AdaptationError
 from gisaxs_bluesky.cli import main
 from gisaxs_bluesky.models import load_pretrained
 from gisaxs_bluesky.sim import Geometry, Sample
-from gisaxs_bluesky.sim.dataset import DatasetSpec, generate
+from gisaxs_bluesky.models.dataset import DatasetSpec, generate
 from gisaxs_bluesky.sim.noise_transfer import (
     InstrumentNoise,
     NoiseModel,

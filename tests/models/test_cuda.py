@@ -12,9 +12,11 @@ import pytest
 import torch
 
 from gisaxs_bluesky.models import load_encoder, load_pretrained, make_binner
-from gisaxs_bluesky.models.train import TrainConfig, autocast_dtype, train
+from gisaxs_bluesky.models.dataset import DatasetSpec, generate
+from gisaxs_bluesky.models.steps import autocast_dtype
+from gisaxs_bluesky.models.train import train
+from gisaxs_bluesky.models.train_config import TrainConfig
 from gisaxs_bluesky.sim import NoiseSpec, Sample, simulate
-from gisaxs_bluesky.sim.dataset import DatasetSpec, generate
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 

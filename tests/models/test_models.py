@@ -69,7 +69,7 @@ def test_one_frame_in_two_halves_gives_identical_input(frames):
     """A single frame is preprocessed as two row halves on two threads: bit-identical."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from gisaxs_bluesky.models.preprocess import _preprocess
+    from gisaxs_bluesky.models.preprocess import preprocess_with_scale
     from gisaxs_bluesky.sim import Geometry
     from gisaxs_bluesky.sim.simulate import nominal_mask
 
@@ -79,8 +79,8 @@ def test_one_frame_in_two_halves_gives_identical_input(frames):
     with ThreadPoolExecutor(2) as pool:
         for frame, mask in ((spiky, None), (frames[1], nominal_mask(Geometry())),
                             (frames[2].astype(np.float32), None)):
-            whole, scale = _preprocess(frame, mask, None)
-            halves, scale2 = _preprocess(frame, mask, None, pool=pool)
+            whole, scale = preprocess_with_scale(frame, mask, None)
+            halves, scale2 = preprocess_with_scale(frame, mask, None, pool=pool)
             assert scale == scale2
             np.testing.assert_array_equal(whole, halves)
 
@@ -92,15 +92,15 @@ def test_concurrent_first_calls_and_thread_counts_agree(frames):
     import importlib
     from concurrent.futures import ThreadPoolExecutor
 
-    pp = importlib.import_module("gisaxs_bluesky.models.preprocess")  # the module, not the function
+    bk = importlib.import_module("gisaxs_bluesky.models.block_kernels")
     kinds = (np.uint16, np.int64, np.float64, ">i4")
     jobs = [(frames[i % 3].astype(kinds[i % 4]), None if i % 2 else frames[0] < 0)
             for i in range(16)]
     for dtype in kinds:  # forget that these types ran here before
-        pp._compiled.discard(np.dtype(dtype).newbyteorder("=").str)
+        bk._compiled.discard(np.dtype(dtype).newbyteorder("=").str)
     with ThreadPoolExecutor(8) as pool:
         together = list(pool.map(lambda job: preprocess(*job), jobs))
-    assert {np.dtype(k).newbyteorder("=").str for k in kinds} <= pp._compiled
+    assert {np.dtype(k).newbyteorder("=").str for k in kinds} <= bk._compiled
     for (frame, mask), got in zip(jobs, together, strict=True):
         np.testing.assert_array_equal(got, preprocess(frame, mask))
 
@@ -121,7 +121,8 @@ def test_integer_pass_gives_what_the_general_pass_gives(frames):
     from gisaxs_bluesky.sim import Geometry
     from gisaxs_bluesky.sim.simulate import nominal_mask
 
-    pp = importlib.import_module("gisaxs_bluesky.models.preprocess")
+    pp = importlib.import_module("gisaxs_bluesky.models.preprocess")  # the module, not the function
+    bk = importlib.import_module("gisaxs_bluesky.models.block_kernels")
     frame = frames[0].astype(np.int64)
     frame[100:140, 200:260] = 0
     frame[300:304, :] = -1
@@ -133,16 +134,16 @@ def test_integer_pass_gives_what_the_general_pass_gives(frames):
     split = int(pp.block_edges(frame.shape[0], h)[h // 2])
     for dtype in (np.int32, np.int16, np.int64, np.uint16):
         f = (np.abs(frame) if dtype == np.uint16 else frame).astype(dtype)
-        assert pp._block_stats_for(f) is pp._block_stats_int
+        assert bk.block_stats_for(f) is bk.block_stats_int
         for mask in (None, nominal_mask(Geometry())):
             m, has = pp._check_mask(mask, f.shape)
             for rows in ((0, f.shape[0]), (split, f.shape[0])):
-                a = pp._block_stats(f, m, has, r_idx, c_idx, h, w, *rows)
-                b = pp._block_stats_int(f, m, has, r_idx, c_idx, h, w, *rows)
+                a = bk.block_stats(f, m, has, r_idx, c_idx, h, w, *rows)
+                b = bk.block_stats_int(f, m, has, r_idx, c_idx, h, w, *rows)
                 for x, y in zip(a, b, strict=True):
                     np.testing.assert_array_equal(x, y)
-    assert pp._block_stats_for(frame.astype(np.float32)) is pp._block_stats
-    assert pp._block_stats_for(frame.astype(np.uint64)) is pp._block_stats
+    assert bk.block_stats_for(frame.astype(np.float32)) is bk.block_stats
+    assert bk.block_stats_for(frame.astype(np.uint64)) is bk.block_stats
 
 
 def test_preprocess_rejects_bad_frames_by_name():

@@ -8,10 +8,11 @@ import json
 import numpy as np
 import pytest
 
+from gisaxs_bluesky.models.dataset import DatasetSpec, generate
 from gisaxs_bluesky.models.qmodel import QEncoder, is_qgrid_card, load_qencoder
-from gisaxs_bluesky.models.train import TrainConfig, train
+from gisaxs_bluesky.models.train import train
+from gisaxs_bluesky.models.train_config import TrainConfig
 from gisaxs_bluesky.sim import NoiseSpec, Sample, simulate
-from gisaxs_bluesky.sim.dataset import DatasetSpec, generate
 from gisaxs_bluesky.sim.instruments import HELD_OUT, at_wavelength
 
 

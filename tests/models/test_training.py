@@ -9,16 +9,13 @@ import pytest
 import torch
 
 from gisaxs_bluesky.models import load_encoder
-from gisaxs_bluesky.models.train import (
-    TrainConfig,
-    TrainingData,
-    autocast_dtype,
-    predict,
-    refit_noise_head,
-    train,
-    train_denoiser,
-)
-from gisaxs_bluesky.sim.dataset import DatasetSpec, generate
+from gisaxs_bluesky.models.dataset import DatasetSpec, generate
+from gisaxs_bluesky.models.refit import refit_noise_head, train_denoiser
+from gisaxs_bluesky.models.steps import autocast_dtype
+from gisaxs_bluesky.models.train import train
+from gisaxs_bluesky.models.train_config import TrainConfig
+from gisaxs_bluesky.models.training_data import TrainingData
+from gisaxs_bluesky.models.validation import predict
 
 
 def auroc(score: np.ndarray, truth: np.ndarray) -> float:

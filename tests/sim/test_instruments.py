@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from gisaxs_bluesky.geometry import QGrid, remap, remap_table
+from gisaxs_bluesky.models.dataset import DatasetSpec, iter_identity
 from gisaxs_bluesky.models.preprocess import q_inputs
 from gisaxs_bluesky.sim import Geometry, NoiseSpec, Sample, expected_intensity, nominal_mask
 from gisaxs_bluesky.sim import simulate as simulate_frame
-from gisaxs_bluesky.sim.dataset import DatasetSpec, iter_identity
 from gisaxs_bluesky.sim.geometry import Detector
 from gisaxs_bluesky.sim.instruments import (
     DISTANCE_RANGE_MM,

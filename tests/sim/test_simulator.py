@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from scipy.signal import find_peaks
 
+from gisaxs_bluesky.models.dataset import DatasetSpec
 from gisaxs_bluesky.sim import (
     NOISE_KINDS,
     Geometry,
@@ -16,7 +17,6 @@ from gisaxs_bluesky.sim import (
     nominal_mask,
     simulate,
 )
-from gisaxs_bluesky.sim.dataset import DatasetSpec
 from gisaxs_bluesky.sim.physics import (
     hexagonal_peak_positions,
     hexagonal_sf,

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from view_helpers import derived_rows, open_derived, write_suggestions
 
 HERE = Path(__file__).parent
 BIN = Path(sys.executable).parent
@@ -91,6 +92,22 @@ class RedisServer:
 
     def stop(self) -> None:
         _stop(self.proc)
+
+
+@pytest.fixture
+def suggested_run(tmp_path):
+    """``suggested_run(client, n) -> (raw_uid, writer)``: a fresh raw run's derived node with
+    rows 1 .. n-1 flushed to Tiled, and its three suggestions."""
+
+    def make(client, n: int):
+        raw_uid = f"raw-{secrets.token_hex(4)}"
+        writer = open_derived(client, raw_uid, tmp_path / "backup")
+        writer.append(derived_rows(1, n))
+        writer.flush()
+        write_suggestions(client, raw_uid)
+        return raw_uid, writer
+
+    return make
 
 
 @pytest.fixture(scope="session")

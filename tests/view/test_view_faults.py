@@ -7,7 +7,7 @@ from __future__ import annotations
 import secrets
 import socket
 
-from view_helpers import derived_rows, open_derived, write_suggestions
+from view_helpers import write_suggestions
 
 from gisaxs_bluesky import cli
 from gisaxs_bluesky.qserver import QueueBridge, read_decisions
@@ -21,13 +21,10 @@ def _dead_address() -> str:
         return f"tcp://127.0.0.1:{s.getsockname()[1]}"
 
 
-def test_page_says_the_queue_server_did_not_answer(tiled_server, browser, tmp_path):
+def test_page_says_the_queue_server_did_not_answer(tiled_server, browser, tmp_path,
+                                                   suggested_run):
     client = tiled_server.client()
-    raw_uid = f"raw-{secrets.token_hex(4)}"
-    writer = open_derived(client, raw_uid, tmp_path / "backup")
-    writer.append(derived_rows(1, 11))
-    writer.flush()
-    write_suggestions(client, raw_uid)
+    raw_uid, writer = suggested_run(client, 11)
     dead = _dead_address()
     bridge = QueueBridge(client, dead, timeout_s=0.5, pending_path=tmp_path / "pending.jsonl")
     state = ViewState(client, bridge=bridge, tiled_label="test", mode="polling",

@@ -6,12 +6,11 @@ without one. Rows are written through the real derived-data store while the page
 
 from __future__ import annotations
 
-import secrets
 import time
 
 import httpx
 import pytest
-from view_helpers import derived_rows, open_derived, write_suggestions
+from view_helpers import derived_rows, open_derived
 
 from gisaxs_bluesky.qserver import QueueBridge, read_decisions
 from gisaxs_bluesky.view import BackgroundServer, ViewState, build_view_app
@@ -48,13 +47,9 @@ def _new_rows_seen_within(page, writer, lo: int, hi: int) -> float:
 
 
 def test_page_streams_rows_and_accepts_a_suggestion(tiled_streaming, qserver, browser, tmp_path,
-                                                     view_server):
+                                                     view_server, suggested_run):
     client = tiled_streaming.client()
-    raw_uid = f"raw-{secrets.token_hex(4)}"
-    writer = open_derived(client, raw_uid, tmp_path / "backup")
-    writer.append(derived_rows(1, 41))
-    writer.flush()
-    write_suggestions(client, raw_uid)
+    raw_uid, writer = suggested_run(client, 41)
     bridge = QueueBridge(client, qserver.address, pending_path=tmp_path / "pending.jsonl")
     state, server = view_server(client, bridge)
     assert state.watcher.mode == "streaming", state.watcher.mode_reason

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing as mp
 import sys
 from collections.abc import Iterator
@@ -14,11 +15,25 @@ import h5py
 import numpy as np
 from tqdm import tqdm
 
-from .geometry import Geometry
-from .noise import NOISE_KINDS, NoiseSpec, random_noise
-from .noise_transfer import NoiseModel, NoiseModelError, load_noise_model, simulate_with_noise_model
-from .sample import STRUCTURES, Sample, random_sample
-from .simulate import SimResult, expected_intensity, nominal_mask, simulate
+from ..geometry import QGrid, remap, remap_table
+from ..sim.geometry import Geometry
+from ..sim.instruments import (
+    ALL_DETECTORS,
+    HELD_OUT,
+    at_wavelength,
+    instrument_ranges,
+    random_instrument,
+)
+from ..sim.noise import NOISE_KINDS, NoiseSpec, random_noise
+from ..sim.noise_transfer import (
+    NoiseModel,
+    NoiseModelError,
+    load_noise_model,
+    simulate_with_noise_model,
+)
+from ..sim.sample import STRUCTURES, Sample, random_sample
+from ..sim.simulate import SimResult, expected_intensity, nominal_mask, simulate
+from .preprocess import N_CHANNELS, preprocess_fine, preprocess_with_scale, q_inputs
 
 __all__ = ["DatasetSpec", "generate", "iter_identity", "pool2", "add_arguments", "run"]
 
@@ -69,8 +84,6 @@ class DatasetSpec:
         for s in self.structures:
             if s not in STRUCTURES:
                 raise ValueError(f"structure {s!r} is not one of {STRUCTURES}")
-        from .instruments import HELD_OUT
-
         if self.instruments not in ("shipped", "train", *HELD_OUT):
             raise ValueError(f"instruments={self.instruments!r} must be 'shipped', 'train' or "
                              f"one of {sorted(HELD_OUT)}")
@@ -113,8 +126,6 @@ def identity_setup(spec: DatasetSpec, index: int) -> tuple[np.random.Generator, 
     sample: Sample = random_sample(rng, structure=structure)
     if spec.instruments == "shipped":
         return rng, sample, _identity_geometry(rng, spec.jitter_geometry)
-    from .instruments import HELD_OUT, at_wavelength, random_instrument
-
     if spec.instruments == "train":
         geometry = random_instrument(rng)
     else:
@@ -140,14 +151,11 @@ def iter_identity(spec: DatasetSpec, index: int) -> Iterator[dict]:
     if spec.input_mode == "qgrid":
         yield from _iter_identity_q(spec, index)
         return
-    # models depends on sim, not the reverse
-    from ..models.preprocess import _preprocess, preprocess_fine
-
     rng, sample, geometry = identity_setup(spec, index)
     mask = nominal_mask(geometry)
     clean = expected_intensity(sample, geometry, dose_counts=10.0,
                                compute_binning=spec.compute_binning)
-    clean_in, clean_scale = _preprocess(clean, mask, None)
+    clean_in, clean_scale = preprocess_with_scale(clean, mask, None)
     target = pool2(clean_in[0], clean_in[1])
     fine_target = preprocess_fine(clean, clean_scale, mask)[0] if spec.binned else None
     for _ in range(spec.frames_per_identity):
@@ -155,7 +163,7 @@ def iter_identity(spec: DatasetSpec, index: int) -> Iterator[dict]:
         row = _labels(index, sample, noise, geometry)
         if spec.binned:
             frame_mask = mask if rng.random() < spec.p_mask else None
-            inputs, scale = _preprocess(result.counts, frame_mask, None)
+            inputs, scale = preprocess_with_scale(result.counts, frame_mask, None)
             row["inputs"] = inputs.astype(np.float16)
             row["target"] = target.astype(np.float16)
             row["fine"] = preprocess_fine(result.counts, scale, frame_mask).astype(np.float16)
@@ -185,8 +193,6 @@ def _noise_model(path: str) -> NoiseModel:
 
 
 def _labels(index: int, sample: Sample, noise: NoiseSpec, geometry: Geometry) -> dict:
-    from .instruments import ALL_DETECTORS
-
     name = geometry.detector.name
     return {
         "identity": index,
@@ -204,9 +210,6 @@ def _labels(index: int, sample: Sample, noise: NoiseSpec, geometry: Geometry) ->
 
 def _iter_identity_q(spec: DatasetSpec, index: int) -> Iterator[dict]:
     """:func:`iter_identity` on the fixed q grid: remapped with the identity's geometry."""
-    from ..geometry import QGrid, remap, remap_table
-    from ..models.preprocess import q_inputs
-
     rng, sample, geometry = identity_setup(spec, index)
     instrument = geometry.instrument()
     grid = QGrid()
@@ -266,8 +269,6 @@ def generate(
         f.attrs["noise_kinds"] = list(NOISE_KINDS)
         f.attrs["structures"] = list(STRUCTURES)
         if spec.binned:
-            from ..models.preprocess import N_CHANNELS
-
             f.create_dataset("inputs", (n, N_CHANNELS, 128, 128), np.float16,
                              chunks=(1, N_CHANNELS, 128, 128))
             f.create_dataset("target", (n, 64, 64), np.float16, chunks=(1, 64, 64))
@@ -276,11 +277,6 @@ def generate(
                 f.create_dataset("fine_target", (n, 256, 256), np.float16,
                                  chunks=(1, 256, 256))
             else:
-                import json
-
-                from ..geometry import QGrid
-                from .instruments import instrument_ranges
-
                 f.attrs["qgrid"] = json.dumps(QGrid().to_dict())
                 f.attrs["instrument_ranges"] = json.dumps(instrument_ranges())
         else:

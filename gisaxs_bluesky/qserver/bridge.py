@@ -1,119 +1,42 @@
-"""Accepted suggestions become plans in the bluesky Queue Server; decisions go to Tiled.
-
-A suggestion (a row of ``/gisaxs_derived/<raw_uid>-suggestions/suggestions``, see
-:mod:`gisaxs_bluesky.adaptive.tiled_io`) is identified by :func:`suggestion_id`, a hash of its
-round, reason and position, so the id survives re-reads in any order. Accepting one adds a plan
-to the Queue Server queue (:func:`~gisaxs_bluesky.qserver_plans.measure_suggestion` of the
-configured detectors at the suggested motor position by default) whose ``md`` carries
-``gisaxs_suggestion_id``, ``gisaxs_raw_uid`` and ``gisaxs_reason``; rejecting one queues
-nothing. Either way the decision (who, when, accepted/rejected, queue item uid) is appended to
-the ``decisions`` table of the same suggestions node. Nothing is queued without a decision
-unless auto-approval is switched on with a point budget per raw run
-(:meth:`QueueBridge.auto_approve`).
-
-Safety: a suggestion is decided once. Before queueing, the decisions in Tiled, the decisions
-kept locally (Tiled unreachable at the time) and the Queue Server's queue, running item and
-history are checked for the id; a second accept raises :class:`DecisionError` naming the first
-one and queues nothing. A decision that cannot reach Tiled after its plan was queued is kept in
-a local JSON-lines file and re-sent by the next call, so nothing is lost.
-"""
+"""QueueBridge: decisions on suggestions -> Queue Server plans (checked against the queue, its
+history and the decisions made) and rows of the decisions table; decisions that cannot reach
+Tiled are kept locally and re-sent."""
 
 from __future__ import annotations
 
-import argparse
 import getpass
-import hashlib
 import json
 import logging
 import os
-import sys
 import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 import pyarrow as pa
 
-from .adaptive.tiled_io import suggestions_key
-from .runtime import DEFAULT_ROOT
-from .store import tiled_reachable
+from ..runtime import DEFAULT_ROOT
+from ..store import tiled_reachable
+from .decisions import (
+    DECISION_SCHEMA,
+    DECISIONS_TABLE,
+    DecisionError,
+    read_decisions,
+    read_suggestions_with_ids,
+    suggestions_node,
+)
 
-__all__ = [
-    "DECISIONS_TABLE",
-    "DecisionError",
-    "QueueBridge",
-    "suggestion_id",
-    "read_suggestions_with_ids",
-    "read_decisions",
-    "add_arguments",
-    "run",
-]
+__all__ = ["QueueBridge"]
 
 logger = logging.getLogger(__name__)
 
-DECISIONS_TABLE = "decisions"
 MD_ID, MD_RAW_UID, MD_REASON = "gisaxs_suggestion_id", "gisaxs_raw_uid", "gisaxs_reason"
-_DECISION_SCHEMA = pa.schema([
-    ("suggestion_id", pa.string()), ("decision", pa.string()), ("who", pa.string()),
-    ("time", pa.float64()), ("reason", pa.string()), ("position", pa.string()),
-    ("item_uid", pa.string()), ("note", pa.string()),
-])
-
-
-class DecisionError(RuntimeError):
-    """A decision that cannot be made (already decided, unknown id, a server unreachable)."""
 
 
 def _default_pending_path() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "gisaxs_bluesky" / "decisions_pending.jsonl"
-
-
-def suggestion_id(round_: int, reason: str, position: Mapping[str, float]) -> str:
-    """Stable id of a suggestion: ``s`` + 10 hex digits of its round, reason and position."""
-    text = json.dumps([int(round_), str(reason),
-                       sorted((str(k), round(float(v), 6)) for k, v in position.items())])
-    return "s" + hashlib.sha1(text.encode()).hexdigest()[:10]
-
-
-def _suggestions_node(client: Any, raw_uid: str, root: str) -> Any:
-    key = suggestions_key(raw_uid)
-    if root not in client or key not in client[root]:
-        raise DecisionError(f"raw run {raw_uid!r} has no suggestions in Tiled "
-                            f"(no node /{root}/{key})")
-    return client[root][key]
-
-
-def read_suggestions_with_ids(client: Any, raw_uid: str, *,
-                              root: str = DEFAULT_ROOT) -> pd.DataFrame:
-    """Suggestions of a raw run with ``suggestion_id`` and ``position`` (dict) columns."""
-    node = _suggestions_node(client, raw_uid, root)
-    motors = [str(m) for m in node.metadata.get("motors", [])]
-    if "suggestions" not in node:
-        df = pd.DataFrame(columns=["round", "reason", "priority", "seq_num", *motors])
-    else:
-        df = node["suggestions"].read()
-    df = df.sort_values(["round", "priority"], ascending=[True, False]).reset_index(drop=True)
-    positions = [{m: float(r[m]) for m in motors} for _, r in df.iterrows()]
-    ids, seen = [], {}
-    for (_, r), pos in zip(df.iterrows(), positions, strict=True):
-        base = suggestion_id(int(r["round"]), str(r["reason"]), pos)
-        seen[base] = seen.get(base, 0) + 1
-        ids.append(base if seen[base] == 1 else f"{base}-{seen[base]}")  # identical rows
-    df["suggestion_id"] = ids
-    df["position"] = positions
-    df.attrs.update(dict(node.metadata))
-    return df
-
-
-def read_decisions(client: Any, raw_uid: str, *, root: str = DEFAULT_ROOT) -> pd.DataFrame:
-    """Decisions stored beside a raw run's suggestions (empty frame when none yet)."""
-    node = _suggestions_node(client, raw_uid, root)
-    if DECISIONS_TABLE not in node:
-        return pd.DataFrame(columns=_DECISION_SCHEMA.names)
-    return node[DECISIONS_TABLE].read().sort_values("time").reset_index(drop=True)
 
 
 class QueueBridge:
@@ -317,12 +240,12 @@ class QueueBridge:
             return f"local file {self.pending_path} (Tiled: {type(exc).__name__}: {exc})"
 
     def _append(self, record: Mapping[str, Any]) -> None:
-        node = _suggestions_node(self.client, str(record["raw_uid"]), self.root)
+        node = suggestions_node(self.client, str(record["raw_uid"]), self.root)
         table = (node[DECISIONS_TABLE] if DECISIONS_TABLE in node
-                 else node.create_appendable_table(_DECISION_SCHEMA, key=DECISIONS_TABLE))
-        cols = {name: [record.get(name, "")] for name in _DECISION_SCHEMA.names}
+                 else node.create_appendable_table(DECISION_SCHEMA, key=DECISIONS_TABLE))
+        cols = {name: [record.get(name, "")] for name in DECISION_SCHEMA.names}
         cols["time"] = [float(record["time"])]
-        table.append_partition(0, pa.Table.from_pydict(cols, schema=_DECISION_SCHEMA))
+        table.append_partition(0, pa.Table.from_pydict(cols, schema=DECISION_SCHEMA))
         # a metadata change is what Tiled streams to the parent's subscribers (open views)
         try:
             node.update_metadata(metadata={"decisions_updated": float(record["time"])})
@@ -338,7 +261,7 @@ class QueueBridge:
         left, sent = [], 0
         for rec in recs:
             try:
-                node = _suggestions_node(self.client, rec["raw_uid"], self.root)
+                node = suggestions_node(self.client, rec["raw_uid"], self.root)
                 done = (DECISIONS_TABLE in node and rec["suggestion_id"] in set(
                     node[DECISIONS_TABLE].read(columns=["suggestion_id"])["suggestion_id"]))
                 if not done:
@@ -383,86 +306,4 @@ def _when(t: Any) -> str:
     except (TypeError, ValueError):
         return str(t)
 
-
-# ----------------------------------------------------------------------------------- CLI
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """``gisaxs-bluesky suggestions {list,accept,reject,auto} RAW_UID [ID ...]``."""
-    parser.add_argument("action", choices=["list", "accept", "reject", "auto"])
-    parser.add_argument("raw_uid", help="uid of the raw run the suggestions belong to")
-    parser.add_argument("ids", nargs="*", help="suggestion ids (accept/reject)")
-    parser.add_argument("--tiled-uri", default=None,
-                        help="Tiled server (default env GISAXS_TILED_URI)")
-    parser.add_argument("--api-key", default=None, help="Tiled API key (default env "
-                        "TILED_API_KEY)")
-    parser.add_argument("--catalog", type=Path, default=None,
-                        help="a local catalog directory (e.g. demo_output/catalog) instead")
-    parser.add_argument("--qserver", default=os.environ.get("QSERVER_ZMQ_CONTROL_ADDRESS"),
-                        help="RE manager 0MQ control address, e.g. tcp://localhost:60615")
-    parser.add_argument("--plan", default="measure_suggestion")
-    parser.add_argument("--detectors", default="det", help="comma-separated device names")
-    parser.add_argument("--who", default=None, help="who decides (default: login name)")
-    parser.add_argument("--note", default="")
-    parser.add_argument("--budget", type=int, default=None,
-                        help="auto: points accepted without a person for this run")
-    parser.add_argument("--root", default=DEFAULT_ROOT)
-
-
-def connect_client(args: argparse.Namespace) -> Any:
-    """Tiled client from --catalog or --tiled-uri/--api-key (ReplayError/ValueError if bad)."""
-    if getattr(args, "catalog", None):
-        from .demo import local_tiled_client
-
-        if not (Path(args.catalog) / "catalog.db").is_file():
-            raise ValueError(f"--catalog {args.catalog}: no catalog.db there")
-        return local_tiled_client(Path(args.catalog))
-    from .replay import connect
-
-    uri = args.tiled_uri or os.environ.get("GISAXS_TILED_URI")
-    if not uri:
-        raise ValueError("no Tiled URI: pass --tiled-uri, --catalog or set GISAXS_TILED_URI")
-    return connect(uri, args.api_key or os.environ.get("TILED_API_KEY"))
-
-
-def run(args: argparse.Namespace) -> int:
-    """``gisaxs-bluesky suggestions``: 0 on success, 1 when a decision failed, 2 on setup."""
-    try:
-        client = connect_client(args)
-        bridge = QueueBridge(client, args.qserver, root=args.root, plan=args.plan,
-                             detectors=args.detectors.split(","), auto_budget=args.budget)
-    except Exception as exc:  # noqa: BLE001 - unreachable Tiled, bad key, bad address
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    failed = 0
-    try:
-        if args.action == "list":
-            for s in bridge.suggestions(args.raw_uid):
-                d = s["decision"]
-                state = "undecided" if d is None else f"{d['decision']} by {d['who']}"
-                pos = ", ".join(f"{k}={v:g}" for k, v in s["position"].items())
-                print(f"{s['suggestion_id']}  round {s['round']}  {pos:<20}  "
-                      f"{s['reason']:<24} priority {s['priority']:.2f}  {state}")
-            return 0
-        if args.action == "auto":
-            if args.budget is None:
-                print("error: auto needs --budget N", file=sys.stderr)
-                return 2
-            for rec in bridge.auto_approve(args.raw_uid):
-                print(f"accepted {rec['suggestion_id']} -> queue item {rec['item_uid']}")
-            return 0
-        if not args.ids:
-            print(f"error: {args.action} needs suggestion ids (see `list`)", file=sys.stderr)
-            return 2
-        for sid in args.ids:
-            try:
-                rec = bridge.decide(args.raw_uid, sid, accept=args.action == "accept",
-                                    who=args.who, note=args.note)
-                item = f" -> queue item {rec['item_uid']}" if rec["item_uid"] else ""
-                print(f"{rec['decision']} {sid}{item}; decision stored in {rec['stored']}")
-            except DecisionError as exc:
-                failed += 1
-                print(f"error: {exc}", file=sys.stderr)
-    except DecisionError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 1 if failed else 0
 
