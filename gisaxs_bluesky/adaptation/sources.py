@@ -22,6 +22,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from .. import replay
+from ..runtime import DEFAULT_ROOT
 from .detector_files import _expand, read_detector_file
 from .errors import AdaptationError
 
@@ -164,7 +165,7 @@ class RunSource:
                  stream: str = "primary", image_key: str | None = None, method: str = "auto",
                  limit: int | None = None, max_frames_per_run: int | None = None,
                  mask: np.ndarray | None = None, geometry: Any = None,
-                 require_geometry: bool = False, root: str = "gisaxs_derived",
+                 require_geometry: bool = False, root: str = DEFAULT_ROOT,
                  group_by: str = "frame") -> None:
         self.group_by = group_by  # "frame", "run", or a start-document key (e.g. "sample")
         self.catalog = catalog
