@@ -194,6 +194,11 @@ def main() -> None:
     parser.add_argument("--adapt", type=int, default=40, help="adaptation frames per sample")
     parser.add_argument("--held", type=int, default=30, help="held-out frames per sample")
     parser.add_argument("--epochs", type=int, default=AdaptConfig.epochs)
+    parser.add_argument("--threshold-holdout", type=float,
+                        default=AdaptConfig.threshold_holdout,
+                        help="fraction of the adaptation frames kept out of the fine-tuning "
+                             "for the outlier thresholds (adapt --threshold-holdout)")
+    parser.add_argument("--trainable", default=AdaptConfig.trainable)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default="/tmp/bench_proxy/adapted.pt")
@@ -214,7 +219,10 @@ def main() -> None:
 
     sources = [Measured(k, frames) for k, frames in train.items()]
     anchor = anchor_set(AdaptConfig.anchor_identities, workers=max(1, args.threads))
-    cfg = AdaptConfig(epochs=args.epochs, num_threads=args.threads)
+    cfg = AdaptConfig(epochs=args.epochs, num_threads=args.threads, trainable=args.trainable,
+                      threshold_holdout=args.threshold_holdout)
+    fig["config"] = {"threshold_holdout": cfg.threshold_holdout, "trainable": cfg.trainable,
+                     "epochs": cfg.epochs}
     t0 = time.time()
     result = adapt(sources, args.out, name="proxy-beamtime", config=cfg, anchor=anchor,
                    device=args.device)
