@@ -54,6 +54,11 @@ class GainEstimate:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def given(cls, gain: float) -> GainEstimate:
+        """A gain the user gave (``--gain``): no estimate, offset and read noise 0."""
+        return cls(float(gain), 0.0, 0.0, 0.0, "given", "given", 0, 0)
+
 
 def looks_counting(frame: np.ndarray, mask: np.ndarray | None = None) -> bool:
     """True when every unflagged, unmasked pixel holds a non-negative integer (a counting

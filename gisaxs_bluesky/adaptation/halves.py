@@ -18,7 +18,7 @@ from .gain import GainError, GainEstimate, estimate_gain, looks_counting, to_pho
 from .sources import FrameSource, SourceFrame, iter_frames
 from .thinning import binomial_split
 
-__all__ = ["HalfView", "Pairs", "build_pairs", "counts_converter"]
+__all__ = ["HalfView", "Pairs", "build_pairs", "counts_converter", "frames_gain"]
 
 
 class Pairs:
@@ -65,8 +65,7 @@ def counts_converter(frames: list[SourceFrame], cfg: AdaptConfig,
     for shape, items in by_shape.items():
         key = "x".join(map(str, shape))
         if isinstance(gain, GainEstimate | int | float) and not isinstance(gain, bool):
-            est = gain if isinstance(gain, GainEstimate) else GainEstimate(
-                float(gain), 0.0, 0.0, 0.0, "given", "given", 0, 0)
+            est = gain if isinstance(gain, GainEstimate) else GainEstimate.given(gain)
             converters[shape] = est
             report[key] = {"detector": "integrating", "gain": est.to_dict()}
             continue
@@ -78,21 +77,28 @@ def counts_converter(frames: list[SourceFrame], cfg: AdaptConfig,
             converters[shape] = None
             report.setdefault(key, {})["detector"] = "counting"
             continue
-        estimates = []
-        for f in items[: cfg.gain_frames]:
-            try:
-                estimates.append(estimate_gain(f.frame, f.mask))
-            except GainError as exc:
-                raise AdaptationError(f"{f.source}: cannot estimate the detector gain ({exc}); "
-                                      "pass gain=... (--gain) or detector='counting'") from exc
-        g = float(np.median([e.gain_adu_per_photon for e in estimates]))
-        est = dataclasses.replace(estimates[0], gain_adu_per_photon=g,
-                                  read_noise_adu=float(np.median([e.read_noise_adu
-                                                                  for e in estimates])))
+        est, estimates = frames_gain(items[: cfg.gain_frames])
         converters[shape] = est
         report[key] = {"detector": "integrating", "gain": est.to_dict(),
                        "gain_per_frame": [round(e.gain_adu_per_photon, 4) for e in estimates]}
     return converters, report
+
+
+def frames_gain(items: list[SourceFrame]) -> tuple[GainEstimate, list[GainEstimate]]:
+    """The gain of one detector from single-frame estimates of ``items``: the median gain and
+    read noise (the rest as the first frame's), and the estimates themselves."""
+    estimates = []
+    for f in items:
+        try:
+            estimates.append(estimate_gain(f.frame, f.mask))
+        except GainError as exc:
+            raise AdaptationError(f"{f.source}: cannot estimate the detector gain ({exc}); "
+                                  "pass gain=... (--gain) or detector='counting'") from exc
+    est = dataclasses.replace(
+        estimates[0],
+        gain_adu_per_photon=float(np.median([e.gain_adu_per_photon for e in estimates])),
+        read_noise_adu=float(np.median([e.read_noise_adu for e in estimates])))
+    return est, estimates
 
 
 def _shape_is_counting(items: list[SourceFrame], report: dict, key: str) -> bool:

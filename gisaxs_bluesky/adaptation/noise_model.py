@@ -24,7 +24,6 @@ and are grouped by shape (one detector each). Per detector, streamed frame by fr
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -35,8 +34,10 @@ from tqdm import tqdm
 
 from ..models.inference import Encoder
 from ..sim.noise_transfer import InstrumentNoise, NoiseModel, background_level
-from .gain import GainError, estimate_gain, looks_counting, to_photon_counts
-from .sources import AdaptationError, FrameSource, SourceFrame, iter_frames
+from .errors import AdaptationError
+from .gain import GainError, GainEstimate, estimate_gain, looks_counting, to_photon_counts
+from .halves import frames_gain
+from .sources import FrameSource, SourceFrame, iter_frames
 from .thinning import flagged_pixels
 
 __all__ = ["HOT_FACTOR", "DEAD_NEIGHBOUR_PHOTONS", "fit_noise_model", "frame_statistics"]
@@ -117,11 +118,10 @@ class _Detector:
 
     def add(self, item: SourceFrame, encoder: Encoder | None) -> None:
         frame = np.asarray(item.frame)
-        flags = flagged_pixels(frame)
-        if item.mask is not None:
-            flags = flags | np.asarray(item.mask, bool)
-        if flagged_pixels(frame).any():
-            self.flag_values.append(float(np.median(frame[flagged_pixels(frame)])))
+        flagged = flagged_pixels(frame)
+        if flagged.any():
+            self.flag_values.append(float(np.median(frame[flagged])))
+        flags = flagged if item.mask is None else flagged | np.asarray(item.mask, bool)
         self.always_flagged &= flags
         if self.first is None:
             self.first = frame.copy()
@@ -177,22 +177,8 @@ class _Detector:
             inactive_value=inactive_value, inactive=inactive, **kw)
 
 
-def _gain_estimate(items: list[SourceFrame], gain: float | None):
-    from .gain import GainEstimate
-
-    if gain is not None:
-        return GainEstimate(float(gain), 0.0, 0.0, 0.0, "given", "given", 0, 0)
-    estimates = []
-    for f in items:
-        try:
-            estimates.append(estimate_gain(f.frame, f.mask))
-        except GainError as exc:
-            raise AdaptationError(f"{f.source}: cannot estimate the detector gain ({exc}); "
-                                  "pass gain=... (--gain) or detector='counting'") from exc
-    return dataclasses.replace(
-        estimates[0],
-        gain_adu_per_photon=float(np.median([e.gain_adu_per_photon for e in estimates])),
-        read_noise_adu=float(np.median([e.read_noise_adu for e in estimates])))
+def _gain_estimate(items: list[SourceFrame], gain: float | None) -> GainEstimate:
+    return GainEstimate.given(gain) if gain is not None else frames_gain(items)[0]
 
 
 def fit_noise_model(
