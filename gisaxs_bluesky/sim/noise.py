@@ -104,6 +104,12 @@ def add_hot_pixels(counts: np.ndarray, rng: np.random.Generator, severity: float
     counts.flat[idx] = 10 ** rng.uniform(3, 5.5, n)
 
 
+def add_saturation(counts: np.ndarray, severity: float, valid: np.ndarray) -> None:
+    """The counter saturates: the brightest valid pixels read the overflow value."""
+    threshold = np.quantile(counts[valid], 1 - 0.0005 - 0.004 * severity)
+    counts[counts >= threshold] = OVERFLOW_COUNTS
+
+
 def add_dead_pixels(counts: np.ndarray, rng: np.random.Generator, severity: float) -> None:
     n = 200 + int(severity * 20000)
     counts.flat[rng.integers(0, counts.size, n)] = 0

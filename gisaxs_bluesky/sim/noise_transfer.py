@@ -318,8 +318,7 @@ def apply_noise_model(expected: np.ndarray, inst: InstrumentNoise, rng: np.rando
     if spec is not None and spec.has("zingers"):
         _noise.add_zingers(counts, rng, spec.severity("zingers"))
     if spec is not None and spec.has("saturation") and flat.size:
-        q = 1 - 0.0005 - 0.004 * spec.severity("saturation")
-        counts[counts >= np.quantile(counts.flat[flat], q)] = OVERFLOW_COUNTS
+        _noise.add_saturation(counts, spec.severity("saturation"), valid)
     if inst.detector == "integrating":
         adu = counts * np.float32(inst.gain_adu_per_photon) + np.float32(inst.offset_adu)
         adu += rng.normal(0.0, inst.read_noise_adu, adu.shape).astype(np.float32)

@@ -272,9 +272,7 @@ def simulate(
     if noise.has("dead_pixels"):
         _noise.add_dead_pixels(counts, rng, sev("dead_pixels"))
     if noise.has("saturation"):
-        # the counter saturates: the brightest pixels read the overflow value
-        threshold = np.quantile(counts[~gaps], 1 - 0.0005 - 0.004 * sev("saturation"))
-        counts[counts >= threshold] = OVERFLOW_COUNTS
+        _noise.add_saturation(counts, sev("saturation"), ~gaps)
     # a counter cannot count past its overflow value (the leaked direct beam would)
     np.minimum(counts, OVERFLOW_COUNTS, out=counts)
     counts[gaps] = _GAP_VALUE if noise.has("gaps") else 0
