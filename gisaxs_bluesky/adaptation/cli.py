@@ -21,7 +21,8 @@ from .finetune import adapt, load_adapted
 from .noise_model import fit_noise_model
 from .sources import FileSource, RunSource
 
-__all__ = ["add_arguments", "add_source_arguments", "build_sources", "run"]
+__all__ = ["add_arguments", "add_detector_arguments", "add_source_arguments", "build_sources",
+           "run"]
 
 
 def add_source_arguments(parser: argparse.ArgumentParser) -> None:
@@ -55,14 +56,20 @@ def add_source_arguments(parser: argparse.ArgumentParser) -> None:
                      help="a frame without geometry is an error (default: recorded 'unknown')")
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    d = AdaptConfig()
-    add_source_arguments(parser)
+def add_detector_arguments(parser: argparse.ArgumentParser) -> None:
+    """How frames convert to photons (adapt and noise-fit)."""
     det = parser.add_argument_group("detector")
-    det.add_argument("--detector", default=d.detector, choices=["auto", "counting", "integrating"],
+    det.add_argument("--detector", default=AdaptConfig.detector,
+                     choices=["auto", "counting", "integrating"],
                      help="auto: integer frames with a photon-transfer gain of ~1 are counting, "
                      "others are converted with the estimated gain")
     det.add_argument("--gain", type=float, help="ADU per photon (skips the estimate)")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d = AdaptConfig()
+    add_source_arguments(parser)
+    add_detector_arguments(parser)
     out = parser.add_argument_group("model")
     out.add_argument("--base", default="pretrained",
                      help="'pretrained', a checkpoint .pt or an adapted model's name")

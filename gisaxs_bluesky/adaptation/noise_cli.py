@@ -8,10 +8,10 @@ import sys
 
 from ..models.checkpoint import CheckpointError
 from ..sim.noise_transfer import save_noise_model
-from .cli import add_source_arguments, build_sources
+from .cli import add_detector_arguments, add_source_arguments, build_sources
+from .errors import AdaptationError
 from .finetune import load_adapted
 from .noise_model import fit_noise_model
-from .sources import AdaptationError
 
 __all__ = ["add_arguments", "run"]
 
@@ -27,8 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-model", action="store_true",
                         help="physics estimates only (no noise-head probabilities: the "
                         "simulation then adds no zingers, parasitic scattering ...)")
-    parser.add_argument("--detector", default="auto", choices=["auto", "counting", "integrating"])
-    parser.add_argument("--gain", type=float, help="ADU per photon (skips the estimate)")
+    add_detector_arguments(parser)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--no-progress", action="store_true")
 
