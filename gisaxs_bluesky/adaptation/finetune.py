@@ -183,8 +183,8 @@ def adapt(
                 if anchor_data is not None and cfg.w_anchor > 0:
                     ids = torch.from_numpy(rng.choice(anchor_data.n_identities, min(
                         cfg.anchor_batch_identities, anchor_data.n_identities), replace=False))
-                    sim = training_losses(model, anchor_data, anchor_data.batch(ids), train_cfg, dev,
-                                  flip=bool(rng.random() < 0.5), rng=rng)
+                    sim = training_losses(model, anchor_data, anchor_data.batch(ids), train_cfg,
+                                          dev, flip=bool(rng.random() < 0.5), rng=rng)
                     losses.update({f"anchor_{k}": v for k, v in sim.items()})
                     total = total + cfg.w_anchor * sim["total"]
                     if distill_ref is not None:
