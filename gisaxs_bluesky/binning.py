@@ -200,9 +200,7 @@ class OnlineBinner:
         rng = np.random.default_rng(0)
         identities = rng.permutation(np.unique(labels_ref))
         fit_ids = np.isin(labels_ref, identities[: len(identities) // 2])
-        fit, held = z_ref[fit_ids], z_ref[~fit_ids]
-        self.reference = _kmeans(fit, min(self.config.n_reference, len(fit)), rng)
-        nearest = np.sqrt(_sq_distances(held, self.reference).min(axis=1))
+        nearest = self._fit_reference(z_ref[fit_ids], z_ref[~fit_ids], rng)
         self.reference_threshold = float(
             max(np.quantile(nearest, self.config.reference_quantile), 1e-6)
         )
@@ -218,10 +216,15 @@ class OnlineBinner:
         fit = np.asarray(fit_latent, dtype=np.float64)
         held = np.asarray(held_latent, dtype=np.float64)
         self.recon_threshold = _held_out_quantile(held_recon_error, self.config.recon_quantile)
-        self.reference = _kmeans(fit, min(self.config.n_reference, len(fit)), rng)
-        nearest = np.sqrt(_sq_distances(held, self.reference).min(axis=1))
+        nearest = self._fit_reference(fit, held, rng)
         self.reference_threshold = _held_out_quantile(nearest, self.config.reference_quantile)
         return self
+
+    def _fit_reference(self, fit: np.ndarray, held: np.ndarray,
+                       rng: np.random.Generator) -> np.ndarray:
+        """Reference centres (k-means) of ``fit``; the distances of ``held`` to the nearest."""
+        self.reference = _kmeans(fit, min(self.config.n_reference, len(fit)), rng)
+        return np.sqrt(_sq_distances(held, self.reference).min(axis=1))
 
     # ------------------------------------------------------------------- state
     def state_dict(self) -> dict:
