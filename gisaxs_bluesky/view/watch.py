@@ -1,10 +1,11 @@
 """Follow derived data in Tiled: Tiled's websocket streaming where offered, else polling.
 
 :func:`~gisaxs_bluesky.tiled_client.probe_streaming` says whether the server streams the
-root container (a server started with a streaming cache does). :class:`Watcher` then either subscribes (root container: new runs, metadata updates; each
-followed run's ``frames`` table: appended rows arrive with their payload, no re-read) or polls
-(metadata and table re-read every ``poll_interval_s``). Either way listeners get
-``(event, payload)`` with event in ``runs``, ``rows``, ``meta``, ``suggestions``, ``status``.
+root container (a server started with a streaming cache does). :class:`Watcher` then either
+subscribes (root container: new runs, metadata updates; each followed run's ``frames``
+table: appended rows arrive with their payload, no re-read) or polls (metadata and table
+re-read every ``poll_interval_s``). Either way listeners get ``(event, payload)`` with event
+in ``runs``, ``rows``, ``meta``, ``suggestions``, ``status``.
 """
 
 from __future__ import annotations
