@@ -14,7 +14,14 @@ from tqdm import tqdm
 from ..models.inference import Encoder
 from .adapt_config import AdaptConfig
 from .errors import AdaptationError
-from .gain import GainError, GainEstimate, estimate_gain, looks_counting, to_photon_counts
+from .gain import (
+    GainError,
+    GainEstimate,
+    counting_by_gain,
+    estimate_gain,
+    looks_counting,
+    to_photon_counts,
+)
 from .sources import FrameSource, SourceFrame, iter_frames
 from .thinning import binomial_split
 
@@ -102,16 +109,11 @@ def frames_gain(items: list[SourceFrame]) -> tuple[GainEstimate, list[GainEstima
 
 
 def _shape_is_counting(items: list[SourceFrame], report: dict, key: str) -> bool:
-    """Integer, non-negative frames are counting ones when their photon-transfer gain is ~1
-    (a 16-bit CCD's ADU are integers too); frames too irregular for a gain estimate are taken
-    as counting (they passed the integer check)."""
-    try:
-        est = estimate_gain(items[0].frame, items[0].mask)
-    except GainError as exc:
-        report[key] = {"gain_check": f"not possible ({exc}); integer counts taken as photons"}
-        return True
-    report[key] = {"gain_check": est.to_dict()}
-    return 0.8 <= est.gain_adu_per_photon <= 1.25
+    """Integer, non-negative frames of one shape: counting by the photon-transfer gain of the
+    first (:func:`~gisaxs_bluesky.adaptation.gain.counting_by_gain`)."""
+    counting, est = counting_by_gain(items[0].frame, items[0].mask)
+    report[key] = {"gain_check": est.to_dict() if isinstance(est, GainEstimate) else est}
+    return counting
 
 
 def build_pairs(src_list: list[FrameSource], encoder: Encoder, cfg: AdaptConfig,

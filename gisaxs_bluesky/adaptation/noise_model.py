@@ -3,10 +3,10 @@
 Frames come from the same sources as ``adapt`` (files, Tiled runs, databroker catalogs, arrays)
 and are grouped by shape (one detector each). Per detector, streamed frame by frame:
 
-* **kind and gain**: integer frames whose photon-transfer gain is 0.7-1.5 (or within 3
-  standard errors of 1) count photons; others are integrating, gain = the median single-frame
-  estimate of the first ``gain_frames`` frames, read noise from its intercept (:mod:`.gain`),
-  and the frames are converted to photons;
+* **kind and gain**: integer frames whose photon-transfer gain says so count photons (the
+  rule of :func:`.gain.counting_by_gain`, shared with adapt); others are integrating, gain =
+  the median single-frame estimate of the first ``gain_frames`` frames, read noise from its
+  intercept (:mod:`.gain`), and the frames are converted to photons;
 * **dose**: median photons of the valid pixels, log mean / std / range over the frames;
 * **background**: :func:`gisaxs_bluesky.sim.noise_transfer.background_level` over the median
   (10th percentile of 16 x 16 block means, hot pixels left out);
@@ -35,7 +35,7 @@ from tqdm import tqdm
 from ..models.inference import Encoder
 from ..sim.noise_transfer import InstrumentNoise, NoiseModel, background_level
 from .errors import AdaptationError
-from .gain import GainError, GainEstimate, estimate_gain, looks_counting, to_photon_counts
+from .gain import GainEstimate, counting_by_gain, looks_counting, to_photon_counts
 from .halves import frames_gain
 from .sources import FrameSource, SourceFrame, iter_frames
 from .thinning import flagged_pixels
@@ -100,16 +100,10 @@ class _Detector:
                                                    for f in items[:gain_frames]):
             self.kind, self.gain = "integrating", _gain_estimate(items[:gain_frames], None)
         else:
-            try:
-                est = estimate_gain(items[0].frame, items[0].mask)
-                g, err = est.gain_adu_per_photon, est.gain_stderr
-                self.report["gain_check"] = round(g, 4)
-            except GainError as exc:
-                g, err = 1.0, 0.0
-                self.report["gain_check"] = f"not possible ({exc}); integer counts are photons"
-            # a sharp pattern inflates the single-frame estimate of a counting frame (1.27 on
-            # a simulated Pilatus frame at 30 counts): counting unless clearly not about 1
-            if not (0.7 <= g <= 1.5 or abs(g - 1) <= 3 * err):
+            counting, est = counting_by_gain(items[0].frame, items[0].mask)
+            self.report["gain_check"] = (round(est.gain_adu_per_photon, 4)
+                                         if isinstance(est, GainEstimate) else est)
+            if not counting:
                 self.kind, self.gain = "integrating", _gain_estimate(items[:gain_frames],
                                                                         None)
         self.report["detector"] = self.kind

@@ -9,6 +9,7 @@ import pytest
 
 from gisaxs_bluesky.adaptation.gain import (
     GainError,
+    counting_by_gain,
     estimate_gain,
     looks_counting,
     to_photon_counts,
@@ -110,6 +111,33 @@ def test_counting_detector_reads_gain_one(expected):
     est = estimate_gain(frame, mask)
     assert est.gain_adu_per_photon == pytest.approx(1.0, rel=0.05)
     assert est.read_noise_adu < 0.3
+
+
+def test_counting_rule_one_for_adapt_and_noise_fit(expected):
+    """A counting frame with a 12 % flat-field response at ~200 counts (single-frame gain
+    estimate ~1.4, which adapt's old 0.8-1.25 band called a CCD), integer CCD ADU at gain 2
+    and a frame too flat for an estimate: adapt's pairs and the noise fit decide alike."""
+    from gisaxs_bluesky.adaptation import AdaptConfig, ArraySource
+    from gisaxs_bluesky.adaptation.halves import counts_converter
+    from gisaxs_bluesky.adaptation.noise_model import _Detector
+
+    lam, mask = expected
+    rng = np.random.default_rng(5)
+    flat_field = np.clip(rng.normal(1.0, 0.12, lam.shape), 0.6, 1.4)
+    sharp = rng.poisson(lam * 40 * flat_field).astype(np.int32)
+    assert 1.3 < estimate_gain(sharp, mask).gain_adu_per_photon < 1.5
+    ccd = np.round(_ccd(lam * 6, 2.0, 0.0, rng)[0]).astype(np.int32)
+    flat = np.full((64, 64), 3, dtype=np.int32)
+    for frame, want in ((sharp, True), (ccd, False), (flat, True)):
+        m = mask if frame.shape == mask.shape else None
+        answer, est = counting_by_gain(frame, m)
+        assert answer is want, est
+        items = list(ArraySource([frame, frame.copy()], label="x", mask=m))
+        converters, _ = counts_converter(items, AdaptConfig(), None)
+        assert (converters[frame.shape] is None) is want
+        det = _Detector(frame.shape)
+        det.decide(items, "auto", None, 2)
+        assert (det.kind == "counting") is want
 
 
 def test_gain_errors():
