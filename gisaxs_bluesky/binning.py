@@ -220,6 +220,27 @@ class OnlineBinner:
         self.reference_threshold = _held_out_quantile(nearest, self.config.reference_quantile)
         return self
 
+    def reference_cross_fitted(self, latent: np.ndarray, folds: int = 5) -> OnlineBinner:
+        """Reference centres (k-means) of every row of ``latent``, and the reference threshold
+        the ``reference_quantile`` of each row's distance to centres fitted without it
+        (``folds``-fold cross-fitting). Centres from only half of the frames (as
+        :meth:`calibrate` splits labelled identities) leave gaps between them that the next
+        ordinary frame of a beamtime falls into; a threshold from one half's distances rests
+        on half as many values."""
+        z = np.asarray(latent, dtype=np.float64)
+        if len(z) < 2 * folds:
+            raise ValueError(f"cross-fitting {folds} folds needs >= {2 * folds} latents, "
+                             f"got {len(z)}")
+        rng = np.random.default_rng(0)
+        fold = rng.permutation(len(z)) % folds
+        nearest = np.empty(len(z))
+        for j in range(folds):
+            nearest[fold == j] = self._fit_reference(z[fold != j], z[fold == j], rng)
+        self.reference = _kmeans(z, min(self.config.n_reference, len(z)), rng)
+        self.reference_threshold = float(
+            max(np.quantile(nearest, self.config.reference_quantile), 1e-6))
+        return self
+
     def _fit_reference(self, fit: np.ndarray, held: np.ndarray,
                        rng: np.random.Generator) -> np.ndarray:
         """Reference centres (k-means) of ``fit``; the distances of ``held`` to the nearest."""
@@ -303,7 +324,8 @@ def _kmeans(z: np.ndarray, k: int, rng: np.random.Generator, iterations: int = 2
     centres = [z[rng.integers(len(z))]]
     for _ in range(1, k):
         d2 = _sq_distances(z, np.array(centres)).min(axis=1)
-        centres.append(z[rng.choice(len(z), p=d2 / d2.sum()) if d2.sum() > 0 else rng.integers(len(z))])
+        pick = rng.choice(len(z), p=d2 / d2.sum()) if d2.sum() > 0 else rng.integers(len(z))
+        centres.append(z[pick])
     centres = np.array(centres)
     for _ in range(iterations):
         labels = _sq_distances(z, centres).argmin(axis=1)

@@ -97,8 +97,11 @@ def test_zmq_consumer_writes_same_node_as_in_process_callback(
     # < 0.01 between frames; the reconstruction error tells them apart): catches a side that
     # read the wrong frame, even when both sides read the same wrong one
     ref = encoder.encode(np.stack([frames[x] for x in XS]))
-    for side in (remote, local):
-        np.testing.assert_allclose(side.recon_error.values, ref.recon_error, rtol=0.02)
+    # both sides judged before asserting, so that a failure says which side read what
+    wrong = {name: side.recon_error.values.tolist() for name, side in
+             (("remote", remote), ("local", local))
+             if not np.allclose(side.recon_error.values, ref.recon_error, rtol=0.02)}
+    assert not wrong, f"expected recon errors {ref.recon_error.tolist()}, got {wrong}"
     for col in ("seq_num", "bin_id", "is_outlier", "x", "time"):
         np.testing.assert_array_equal(remote[col].values, local[col].values, err_msg=col)
     # the worker batches by size and time, so the two sides may group frames differently, and

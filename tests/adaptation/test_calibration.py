@@ -98,3 +98,30 @@ def test_frames_held_out_of_the_fine_tuning_set_the_thresholds():
     with pytest.raises(ValueError, match="held_out has 3 entries"):
         calibrate_from_groups(z, err, frame, draw, frame_latent=zf, frame_recon_error=ef,
                               held_out=np.ones(3, bool) & [True, True, False])
+
+
+def test_reference_cross_fitted_on_whole_frames_flags_about_one_percent():
+    """Whole frames: reference centres from all of them, threshold from 5-fold cross-fitted
+    distances. New ordinary frames of the same samples cross it about 1 - 0.99 of the time
+    (mean over 5 beamtimes of 100 frames: 1.4 % here), a far latent stands out."""
+    rates = []
+    for seed in range(5):
+        z, err, frame, draw, sample = _latents(n_frames=100, seed=seed)
+        n = frame.max() + 1
+        zf = np.stack([z[frame == f].mean(0) for f in range(n)])
+        ef = np.random.default_rng(seed).gamma(4.0, 0.05, n)
+        binner, summary = calibrate_from_groups(z, err, frame, draw, identity=sample,
+                                                frame_latent=zf, frame_recon_error=ef)
+        assert summary["reference_split"] == ("centres of all 100 frames, threshold 5-fold "
+                                              "cross-fitted")
+        assert len(binner.reference) == 64
+        new = _latents(n_frames=4000, draws=1, seed=seed)[0][200::2]  # frames 100..3999
+        rates.append((binner.reference_score(new) > 1).mean())
+        assert binner.reference_score(zf[:1] + 60.0)[0] > 3
+    assert 0.003 < np.mean(rates) < 0.025, rates
+    # too few whole frames for 5 folds: centres from half of them, as before
+    z, err, frame, draw, _ = _latents(n_frames=8)
+    zf = np.stack([z[frame == f].mean(0) for f in range(8)])
+    _, summary = calibrate_from_groups(z, err, frame, draw, frame_latent=zf,
+                                       frame_recon_error=np.ones(8))
+    assert summary["reference_split"] == "by frame"
