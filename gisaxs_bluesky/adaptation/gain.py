@@ -41,8 +41,9 @@ __all__ = [
 ]
 
 #: photon-transfer gains (ADU per photon) of integer frames read as a counting detector's: a
-#: sharp pattern inflates the single-frame estimate of a counting frame (1.27 on a simulated
-#: Pilatus frame at 30 counts per pixel), while integrating detectors sit well outside
+#: pixel-to-pixel flat-field response inflates the single-frame estimate of a counting frame
+#: (1.39-1.40 with a 12 % flat field at ~200 counts, tests/adaptation/test_gain.py), while
+#: integrating detectors sit well outside
 COUNTING_GAIN_BAND = (0.7, 1.5)
 
 
