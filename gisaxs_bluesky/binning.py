@@ -175,10 +175,14 @@ class OnlineBinner:
         clean_latent: np.ndarray | None = None,
         clean_recon_error: np.ndarray | None = None,
         clean_identity_label: np.ndarray | None = None,
+        reference: bool = True,
     ) -> OnlineBinner:
         """Set spread from frames with known identity labels (under every kind of noise), and
         the outlier thresholds from clean frames (photon noise only) when given, else from the
-        same frames: the quantiles then flag that fraction of clean simulated frames."""
+        same frames: the quantiles then flag that fraction of clean simulated frames.
+        ``reference=False`` leaves the reference centres and threshold as they are, for a
+        caller that sets them next (:meth:`reference_cross_fitted`,
+        :meth:`thresholds_from_held_out`)."""
         z = np.asarray(identity_latent, dtype=np.float64)
         labels = np.asarray(identity_label)
         if clean_latent is not None and clean_recon_error is not None:
@@ -195,6 +199,8 @@ class OnlineBinner:
         d = np.concatenate(distances)
         self.spread = float(max(np.quantile(d, self.config.spread_quantile), 1e-6))
         self.recon_threshold = float(max(np.quantile(err_ref, self.config.recon_quantile), 1e-6))
+        if not reference:
+            return self
         # reference centres from half of the identities, the threshold from the other half:
         # a scan brings samples the calibration never saw, and so must the held-out half
         rng = np.random.default_rng(0)
@@ -207,26 +213,28 @@ class OnlineBinner:
         return self
 
     def thresholds_from_held_out(self, fit_latent: np.ndarray, held_latent: np.ndarray,
-                                 held_recon_error: np.ndarray) -> OnlineBinner:
+                                 held_recon_error: np.ndarray) -> np.ndarray:
         """Reference centres from ``fit_latent``, the reconstruction and reference thresholds
         from frames held out of everything else (as live frames are): their quantiles, or
         those of a log-normal fit to them where that is higher (a few dozen held-out frames
-        put the empirical 99 % quantile near their maximum, about the 95 % one)."""
+        put the empirical 99 % quantile near their maximum, about the 95 % one). Returns the
+        held-out frames' distances to the nearest centre (for :meth:`widen_to_joint_quantile`).
+        """
         rng = np.random.default_rng(0)
         fit = np.asarray(fit_latent, dtype=np.float64)
         held = np.asarray(held_latent, dtype=np.float64)
         self.recon_threshold = _held_out_quantile(held_recon_error, self.config.recon_quantile)
         nearest = self._fit_reference(fit, held, rng)
         self.reference_threshold = _held_out_quantile(nearest, self.config.reference_quantile)
-        return self
+        return nearest
 
-    def reference_cross_fitted(self, latent: np.ndarray, folds: int = 5) -> OnlineBinner:
+    def reference_cross_fitted(self, latent: np.ndarray, folds: int = 5) -> np.ndarray:
         """Reference centres (k-means) of every row of ``latent``, and the reference threshold
         the ``reference_quantile`` of each row's distance to centres fitted without it
         (``folds``-fold cross-fitting). Centres from only half of the frames (as
         :meth:`calibrate` splits labelled identities) leave gaps between them that the next
         ordinary frame of a beamtime falls into; a threshold from one half's distances rests
-        on half as many values."""
+        on half as many values. Returns the cross-fitted distances, one per row."""
         z = np.asarray(latent, dtype=np.float64)
         if len(z) < 2 * folds:
             raise ValueError(f"cross-fitting {folds} folds needs >= {2 * folds} latents, "
@@ -239,7 +247,27 @@ class OnlineBinner:
         self.reference = _kmeans(z, min(self.config.n_reference, len(z)), rng)
         self.reference_threshold = float(
             max(np.quantile(nearest, self.config.reference_quantile), 1e-6))
-        return self
+        return nearest
+
+    def widen_to_joint_quantile(self, recon_error: np.ndarray, reference_distance: np.ndarray,
+                                quantile: float) -> float:
+        """Scale the reconstruction and reference thresholds by one factor >= 1 so that at
+        most ``1 - quantile`` of these frames (the reconstruction error and the out-of-fit
+        reference distance of each) score above 1 on either test. Each threshold alone flags
+        ``1 - its quantile`` of them; a frame is an outlier when either flags it, so without
+        this the two rates add up where the tests disagree. Returns the factor."""
+        err = np.asarray(recon_error, dtype=np.float64).reshape(-1)
+        dist = np.asarray(reference_distance, dtype=np.float64).reshape(-1)
+        if len(err) != len(dist) or not len(err):
+            raise ValueError(f"{len(err)} reconstruction errors and {len(dist)} reference "
+                             "distances: one of each per frame, at least one frame")
+        if not 0 < quantile <= 1:
+            raise ValueError(f"quantile={quantile} must lie in (0, 1]")
+        score = np.maximum(err / self.recon_threshold, dist / self.reference_threshold)
+        factor = float(max(np.quantile(score, quantile), 1.0))
+        self.recon_threshold *= factor
+        self.reference_threshold *= factor
+        return factor
 
     def _fit_reference(self, fit: np.ndarray, held: np.ndarray,
                        rng: np.random.Generator) -> np.ndarray:

@@ -13,8 +13,13 @@ the ``reference_quantile`` of each frame's distance to centres fitted without it
 reference_cross_fitted`). With fewer than 2 x ``reference_folds`` frames, centres come from
 half of the frames and the threshold from the other half; with fewer than 4 frames the
 halves set them, split by thinning (centres from one noise draw, threshold from the other).
-So ordinary frames of this beamtime score below 1 but for about 1 - recon_quantile +
-1 - reference_quantile of them, and a frame unlike all of them stands out.
+Where each whole frame has both a reconstruction error and an out-of-fit reference distance
+(cross-fitted, or held out of the fine-tuning), both thresholds are then widened by one factor
+>= 1 until at most 1 - ``joint_quantile`` of those frames score above 1 on either test
+(:meth:`~gisaxs_bluesky.binning.OnlineBinner.widen_to_joint_quantile`; the card's
+``joint_factor``): a frame is an outlier when either test flags it, and without this step the
+two rates add up where the tests disagree. So ordinary frames of this beamtime score below 1
+but for about 1 - ``joint_quantile`` of them, and a frame unlike all of them stands out.
 
 Why cross-fitted: with centres from half of the frames, held-out frames of a BornAgain proxy
 beamtime (``benchmarks/bench_proxy_beamtime.py``) crossed the reference threshold 3.3-5.8 %
@@ -48,6 +53,7 @@ class CalibrationConfig:
     n_reference: int = 64
     min_groups_for_frame_split: int = 4
     reference_folds: int = 5
+    joint_quantile: float | None = 0.99  # None: each threshold at its own quantile
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -112,23 +118,33 @@ def calibrate_from_groups(
         if by_frame:
             z_ref, err_ref, split_label = zf, ef, np.arange(n_groups)
             thresholds_from = "whole frames"
-    binner = OnlineBinner(bcfg, model_sha256=model_sha256).calibrate(
-        z_spread, id_spread, err_ref, clean_latent=z_ref, clean_recon_error=err_ref,
-        clean_identity_label=split_label)
-    reference_from = ("by frame" if by_frame else "by thinning (fewer than "
-                      f"{cfg.min_groups_for_frame_split} frames)")
-    if thresholds_from == "whole frames" and len(z_ref) >= 2 * cfg.reference_folds:
-        binner.reference_cross_fitted(z_ref, cfg.reference_folds)
-        reference_from = (f"centres of all {len(z_ref)} frames, threshold "
-                          f"{cfg.reference_folds}-fold cross-fitted")
     held = None if held_out is None else np.asarray(held_out, dtype=bool)
     if held is not None and len(held) != n_groups:
         raise ValueError(f"held_out has {len(held)} entries; expected one per frame "
                          f"({n_groups})")
-    if (held is not None and frame_latent is not None and held.sum() >= 2
-            and (~held).sum() >= 2):
-        binner.thresholds_from_held_out(zf[~held], zf[held], ef[held])
+    use_held = (held is not None and frame_latent is not None and held.sum() >= 2
+                and (~held).sum() >= 2)
+    cross_fit = (not use_held and thresholds_from == "whole frames"
+                 and len(z_ref) >= 2 * cfg.reference_folds)
+    # the reference is computed once, by whichever of the three methods applies
+    binner = OnlineBinner(bcfg, model_sha256=model_sha256).calibrate(
+        z_spread, id_spread, err_ref, clean_latent=z_ref, clean_recon_error=err_ref,
+        clean_identity_label=split_label, reference=not (use_held or cross_fit))
+    reference_from = ("by frame" if by_frame else "by thinning (fewer than "
+                      f"{cfg.min_groups_for_frame_split} frames)")
+    joint = None
+    if use_held:
+        distance = binner.thresholds_from_held_out(zf[~held], zf[held], ef[held])
+        joint = ef[held], distance
         thresholds_from = f"{int(held.sum())} whole frames held out of the fine-tuning"
+        reference_from = (f"centres of the {int((~held).sum())} frames fine-tuned on, "
+                          f"threshold from the {int(held.sum())} held out")
+    elif cross_fit:
+        joint = err_ref, binner.reference_cross_fitted(z_ref, cfg.reference_folds)
+        reference_from = (f"centres of all {len(z_ref)} frames, threshold "
+                          f"{cfg.reference_folds}-fold cross-fitted")
+    joint_factor = (1.0 if joint is None or cfg.joint_quantile is None
+                    else binner.widen_to_joint_quantile(*joint, cfg.joint_quantile))
 
     def within(labels):
         return np.concatenate([np.sqrt(((z[labels == g] - z[labels == g].mean(0)) ** 2).sum(1))
@@ -148,6 +164,7 @@ def calibrate_from_groups(
         "recon_threshold": binner.recon_threshold,
         "recon_error_median": float(np.median(err_ref)),
         "reference_threshold": binner.reference_threshold,
+        "joint_factor": joint_factor,
         "n_reference": len(binner.reference),
     }
     return binner, summary

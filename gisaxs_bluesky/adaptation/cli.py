@@ -17,8 +17,7 @@ from .adapt_config import TRAINABLE, AdaptConfig
 from .calibration import CalibrationConfig
 from .detector_files import read_detector_file
 from .errors import AdaptationError
-from .finetune import adapt, load_adapted
-from .noise_model import fit_noise_model
+from .finetune import adapt
 from .sources import FileSource, RunSource
 
 __all__ = ["add_arguments", "add_detector_arguments", "add_source_arguments", "build_sources",
@@ -66,6 +65,15 @@ def add_detector_arguments(parser: argparse.ArgumentParser) -> None:
     det.add_argument("--gain", type=float, help="ADU per photon (skips the estimate)")
 
 
+def _joint_quantile(text: str) -> float | None:
+    if text.strip().lower() == "off":
+        return None
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"--joint-quantile {text}: a number in (0, 1] or 'off'")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = AdaptConfig()
     add_source_arguments(parser)
@@ -98,6 +106,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                     default=CalibrationConfig.recon_quantile)
     tr.add_argument("--reference-quantile", type=float,
                     default=CalibrationConfig.reference_quantile)
+    tr.add_argument("--joint-quantile", type=_joint_quantile,
+                    default=CalibrationConfig.joint_quantile,
+                    help="both thresholds widen until at most 1 - this of the frames are "
+                    "flagged by either test (default %(default)s; 'off': each threshold at "
+                    "its own quantile)")
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--device", default="auto")
     tr.add_argument("--threads", type=int, help="torch threads")
@@ -160,17 +173,16 @@ def run(args: argparse.Namespace) -> int:
             num_threads=args.threads, trainable=args.trainable,
             threshold_holdout=args.threshold_holdout,
             calibration=CalibrationConfig(recon_quantile=args.recon_quantile,
-                                          reference_quantile=args.reference_quantile))
+                                          reference_quantile=args.reference_quantile,
+                                          joint_quantile=args.joint_quantile))
         result = adapt(sources, args.out, name=args.name, base=args.base, config=cfg,
                        geometry=geometry, require_geometry=args.require_geometry,
                        gain=args.gain, anchor=args.anchor, max_frames=args.max_frames,
-                       device=args.device, progress=not args.no_progress)
+                       device=args.device, progress=not args.no_progress,
+                       fit_noise=bool(args.noise_model_out))
         noise_model = None
-        if args.noise_model_out:
-            fitted = fit_noise_model(sources, encoder=load_adapted(result.path, args.device),
-                                     detector=args.detector, gain=args.gain,
-                                     max_frames=args.max_frames, progress=not args.no_progress)
-            noise_model = str(save_noise_model(fitted, args.noise_model_out))
+        if args.noise_model_out:  # fitted in adapt's read of the frames, with its model
+            noise_model = str(save_noise_model(result.noise_model, args.noise_model_out))
     except (AdaptationError, CheckpointError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

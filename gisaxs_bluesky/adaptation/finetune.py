@@ -43,6 +43,7 @@ from ..models.losses import training_losses
 from ..models.steps import Precision, add_losses, optimizer_step, start_run
 from ..models.train_config import TrainConfig
 from ..models.training_data import TrainingData
+from ..sim.noise_transfer import NoiseModel
 from .adapt_config import TRAINABLE, AdaptConfig
 from .anchor import anchor_latents, anchor_set
 from .calibration import calibrate_from_groups
@@ -50,6 +51,7 @@ from .errors import AdaptationError
 from .gain import GainEstimate
 from .halves import build_pairs
 from .n2n import pair_losses
+from .noise_model import NoiseModelFitter
 from .sources import FileSource, FrameSource, _geometry_dict
 
 __all__ = [
@@ -69,6 +71,8 @@ log = logging.getLogger(__name__)
 class AdaptResult:
     path: Path
     card: dict
+    #: the beamtime's noise model (``adapt(..., fit_noise=True)``), else None
+    noise_model: NoiseModel | None = None
 
 
 def load_adapted(spec: str | Path = "pretrained", device: str | torch.device = "auto") -> Encoder:
@@ -117,6 +121,7 @@ def adapt(
     max_frames: int | None = None,
     device: str = "auto",
     progress: bool = True,
+    fit_noise: bool = False,
 ) -> AdaptResult:
     """Fine-tune ``base`` on the frames of ``sources`` and write an adapted checkpoint.
 
@@ -126,7 +131,10 @@ def adapt(
     recorded for frames whose source gives none (else "unknown"; ``require_geometry`` makes
     that an error). ``gain`` (ADU per photon, or a GainEstimate) skips the gain estimate of an
     integrating detector. ``anchor``: a binned simulated set (path or TrainingData) instead
-    of the cached one of ``config.anchor_identities`` identities.
+    of the cached one of ``config.anchor_identities`` identities. ``fit_noise``: also fit
+    the beamtime's noise model (:func:`~gisaxs_bluesky.adaptation.fit_noise_model`) in the
+    same read of the frames, its noise head and latents those of the adapted model
+    (``AdaptResult.noise_model``).
     """
     cfg = config or AdaptConfig()
     t0 = time.time()
@@ -144,9 +152,11 @@ def adapt(
     spread0 = float(base_card.get("binner", {}).get("spread", 1.0))
     src_list = _as_sources(sources, geometry, require_geometry)
     encoder = Encoder(model, base_card, dev)  # the preprocessing of the base model's card
+    fitter = (NoiseModelFitter(detector=cfg.detector, gain=gain, gain_frames=cfg.gain_frames)
+              if fit_noise else None)
     pairs, frames, detector_report = build_pairs(
         src_list, encoder, cfg, gain, _check_geometry_arg(geometry), require_geometry,
-        max_frames, progress)
+        max_frames, progress, on_frame=None if fitter is None else fitter.add)
     anchor_data = _anchor(anchor, cfg, progress)
 
     model.to(dev, memory_format=torch.channels_last)
@@ -215,7 +225,7 @@ def adapt(
     # calibration on every half of every thinning, with the adapted weights
     adapted = Encoder(model, base_card, dev)
     z, err = _encode(adapted, pairs.x)  # a halves, then b halves
-    z_whole, err_whole = _encode(adapted, [pairs.whole])
+    z_whole, err_whole, noise_whole = _encode(adapted, [pairs.whole], noise=True)
     group = np.concatenate([pairs.group, pairs.group])
     draw = np.concatenate([pairs.draw, pairs.draw])
     repeat = [f["group"] if f["group"] is not None else f"#{i}" for i, f in enumerate(frames)]
@@ -256,7 +266,12 @@ def adapt(
     )
     card = save_checkpoint(out, model, card)
     log.info("adapted model %s written to %s (%.0f s)", name, out, time.time() - t0)
-    return AdaptResult(out, card)
+    noise_model = None
+    if fitter is not None:
+        fitter.set_noise(*noise_whole, adapted.noise_kinds)
+        noise_model = fitter.result(src_list, seconds=time.time() - t0, model={
+            "name": name, "version": card["version"], "sha256": card["sha256"]})
+    return AdaptResult(out, card, noise_model)
 
 
 def _held_out(n_frames: int, cfg: AdaptConfig) -> np.ndarray:
@@ -269,15 +284,21 @@ def _held_out(n_frames: int, cfg: AdaptConfig) -> np.ndarray:
     return held
 
 
-def _encode(encoder: Encoder, inputs: Sequence[torch.Tensor], batch: int = 64
-            ) -> tuple[np.ndarray, np.ndarray]:
-    """Identity latents and reconstruction errors of float16 inputs, in order."""
-    z, err = [], []
+def _encode(encoder: Encoder, inputs: Sequence[torch.Tensor], batch: int = 64,
+            noise: bool = False) -> tuple:
+    """Identity latents and reconstruction errors of float16 inputs, in order; with ``noise``
+    also (noise-head probabilities, noise latents)."""
+    z, err, prob, zn = [], [], [], []
     for x in inputs:
         for s in range(0, len(x), batch):
             out = encoder.encode_preprocessed(x[s : s + batch].float().numpy())
             z.append(out["latent"][:, : encoder.identity_dim])
             err.append(out["recon_error"])
+            prob.append(out["noise_prob"])
+            zn.append(out["latent"][:, encoder.identity_dim :])
+    if noise:
+        return (np.concatenate(z), np.concatenate(err),
+                (np.concatenate(prob), np.concatenate(zn)))
     return np.concatenate(z), np.concatenate(err)
 
 

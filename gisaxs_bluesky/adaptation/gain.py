@@ -35,6 +35,7 @@ __all__ = [
     "GainError",
     "GainEstimate",
     "counting_by_gain",
+    "gain_check_report",
     "estimate_gain",
     "looks_counting",
     "to_photon_counts",
@@ -103,6 +104,12 @@ def counting_by_gain(frame: np.ndarray, mask: np.ndarray | None = None
     g, err = est.gain_adu_per_photon, est.gain_stderr
     lo, hi = COUNTING_GAIN_BAND
     return bool(lo <= g <= hi or abs(g - 1) <= 3 * err), est
+
+
+def gain_check_report(estimate: GainEstimate | str) -> dict | str:
+    """What a report records of :func:`counting_by_gain`'s estimate (adapt's detector report
+    and the noise-model fit's write the same)."""
+    return estimate.to_dict() if isinstance(estimate, GainEstimate) else estimate
 
 
 def _valid(frames: np.ndarray, mask: np.ndarray | None) -> np.ndarray:

@@ -5,6 +5,7 @@ halves; frames are not kept."""
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -19,6 +20,7 @@ from .gain import (
     GainEstimate,
     counting_by_gain,
     estimate_gain,
+    gain_check_report,
     looks_counting,
     to_photon_counts,
 )
@@ -112,17 +114,19 @@ def _shape_is_counting(items: list[SourceFrame], report: dict, key: str) -> bool
     """Integer, non-negative frames of one shape: counting by the photon-transfer gain of the
     first (:func:`~gisaxs_bluesky.adaptation.gain.counting_by_gain`)."""
     counting, est = counting_by_gain(items[0].frame, items[0].mask)
-    report[key] = {"gain_check": est.to_dict() if isinstance(est, GainEstimate) else est}
+    report[key] = {"gain_check": gain_check_report(est)}
     return counting
 
 
 def build_pairs(src_list: list[FrameSource], encoder: Encoder, cfg: AdaptConfig,
                  gain: GainEstimate | float | None, fallback_geometry: dict | None,
-                 require_geometry: bool, max_frames: int | None, progress: bool
+                 require_geometry: bool, max_frames: int | None, progress: bool,
+                 on_frame: Callable[[SourceFrame], None] | None = None,
                  ) -> tuple[Pairs, list[dict], dict]:
     """Thin and preprocess every frame as it arrives (frames are not kept: a few hundred
     Pilatus 1M frames would be GBs); the first ``gain_frames`` of each shape decide how that
-    shape converts to counts. Returns the pairs, each frame's (source, geometry), the
+    shape converts to counts. ``on_frame`` sees each frame as read (the noise-model fit of
+    ``adapt(fit_noise=True)``). Returns the pairs, each frame's (source, geometry), the
     detector report."""
     rng = np.random.default_rng(cfg.seed)
     pairs = Pairs()
@@ -161,6 +165,8 @@ def build_pairs(src_list: list[FrameSource], encoder: Encoder, cfg: AdaptConfig,
             item.geometry = fallback_geometry
         elif item.geometry == "unknown" and require_geometry:
             raise AdaptationError(f"{item.source}: no geometry; pass geometry=... (--geometry)")
+        if on_frame is not None:
+            on_frame(item)
         shape = tuple(item.frame.shape)
         if shape in converters:
             process(item)

@@ -25,7 +25,7 @@ and are grouped by shape (one detector each). Per detector, streamed frame by fr
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -35,12 +35,24 @@ from tqdm import tqdm
 from ..models.inference import Encoder
 from ..sim.noise_transfer import InstrumentNoise, NoiseModel, background_level
 from .errors import AdaptationError
-from .gain import GainEstimate, counting_by_gain, looks_counting, to_photon_counts
+from .gain import (
+    GainEstimate,
+    counting_by_gain,
+    gain_check_report,
+    looks_counting,
+    to_photon_counts,
+)
 from .halves import frames_gain
 from .sources import FrameSource, SourceFrame, iter_frames
 from .thinning import flagged_pixels
 
-__all__ = ["HOT_FACTOR", "DEAD_NEIGHBOUR_PHOTONS", "fit_noise_model", "frame_statistics"]
+__all__ = [
+    "DEAD_NEIGHBOUR_PHOTONS",
+    "HOT_FACTOR",
+    "NoiseModelFitter",
+    "fit_noise_model",
+    "frame_statistics",
+]
 
 HOT_FACTOR = 20.0
 DEAD_NEIGHBOUR_PHOTONS = 15.0
@@ -90,7 +102,8 @@ class _Detector:
         self.noise_prob: list[np.ndarray] = []
         self.noise_latent: list[np.ndarray] = []
 
-    def decide(self, items: list[SourceFrame], detector: str, gain: float | None,
+    def decide(self, items: list[SourceFrame], detector: str,
+               gain: GainEstimate | float | None,
                gain_frames: int) -> None:
         if gain is not None:
             self.kind, self.gain = "integrating", _gain_estimate(items, gain)
@@ -101,8 +114,7 @@ class _Detector:
             self.kind, self.gain = "integrating", _gain_estimate(items[:gain_frames], None)
         else:
             counting, est = counting_by_gain(items[0].frame, items[0].mask)
-            self.report["gain_check"] = (round(est.gain_adu_per_photon, 4)
-                                         if isinstance(est, GainEstimate) else est)
+            self.report["gain_check"] = gain_check_report(est)
             if not counting:
                 self.kind, self.gain = "integrating", _gain_estimate(items[:gain_frames],
                                                                         None)
@@ -171,8 +183,96 @@ class _Detector:
             inactive_value=inactive_value, inactive=inactive, **kw)
 
 
-def _gain_estimate(items: list[SourceFrame], gain: float | None) -> GainEstimate:
+def _gain_estimate(items: list[SourceFrame], gain: GainEstimate | float | None
+                   ) -> GainEstimate:
+    if isinstance(gain, GainEstimate):
+        return gain
     return GainEstimate.given(gain) if gain is not None else frames_gain(items)[0]
+
+
+class NoiseModelFitter:
+    """:func:`fit_noise_model` one frame at a time, for a caller that reads the frames anyway
+    (``adapt(..., fit_noise=True)`` reads each frame once for both). :meth:`add` each
+    :class:`SourceFrame` as it is read; the first ``gain_frames`` of each shape decide how that
+    shape converts to photons. With ``encoder=None`` the noise head's probabilities and noise
+    latents can come later, one row per frame in the order added (:meth:`set_noise`: adapt
+    gives the adapted model's, on the frames it preprocessed)."""
+
+    def __init__(self, *, encoder: Encoder | None = None, detector: str = "auto",
+                 gain: GainEstimate | float | None = None, gain_frames: int = 4,
+                 progress: bool = False) -> None:
+        if detector not in ("auto", "counting", "integrating"):
+            raise ValueError(f"detector={detector!r}: expected auto, counting or integrating")
+        self.encoder, self.detector, self.gain, self.gain_frames = (encoder, detector, gain,
+                                                                     gain_frames)
+        self._dets: dict[tuple, _Detector] = {}
+        self._pending: dict[tuple, list[SourceFrame]] = {}
+        self._order: list[tuple] = []  # each added frame's shape
+        self._noise_kinds: tuple[str, ...] = (tuple(encoder.noise_kinds) if encoder is not None
+                                              else ())
+        self._bar = tqdm(desc="fitting the noise model", unit="frame", disable=not progress)
+
+    def add(self, item: SourceFrame) -> None:
+        shape = tuple(np.shape(item.frame))
+        self._order.append(shape)
+        if shape in self._dets:
+            self._dets[shape].add(item, self.encoder)
+            self._bar.update(1)
+            return
+        self._pending.setdefault(shape, []).append(item)
+        if len(self._pending[shape]) >= self.gain_frames:
+            self._flush(shape)
+
+    def _flush(self, shape: tuple) -> None:
+        items = self._pending.pop(shape)
+        det = self._dets[shape] = _Detector(shape)
+        det.decide(items, self.detector, self.gain, self.gain_frames)
+        for it in items:
+            det.add(it, self.encoder)
+            self._bar.update(1)
+
+    @property
+    def frames(self) -> int:
+        return len(self._order)
+
+    def set_noise(self, noise_prob: np.ndarray, noise_latent: np.ndarray,
+                  noise_kinds: Sequence[str]) -> None:
+        """The noise head's probabilities and the noise latents of every frame added, in
+        order (one row each), in place of an encoder's."""
+        prob, lat = np.asarray(noise_prob), np.asarray(noise_latent)
+        if len(prob) != self.frames or len(lat) != self.frames:
+            raise ValueError(f"{len(prob)} noise-probability and {len(lat)} noise-latent rows "
+                             f"for {self.frames} frames")
+        for shape in list(self._pending):
+            self._flush(shape)
+        for shape, det in self._dets.items():
+            rows = [i for i, s in enumerate(self._order) if s == shape]
+            det.noise_prob, det.noise_latent = list(prob[rows]), list(lat[rows])
+        self._noise_kinds = tuple(noise_kinds)
+
+    def result(self, sources: Sequence[FrameSource], *, model: dict | None = None,
+               seconds: float = 0.0) -> NoiseModel:
+        """The fitted model; ``model`` (name, version, sha256) of the model whose noise head
+        and latents it holds (default: the encoder's)."""
+        for shape in list(self._pending):
+            self._flush(shape)
+        self._bar.close()
+        if not self._dets:
+            raise AdaptationError("no frames to fit a noise model on")
+        if model is None and self.encoder is not None:
+            model = {"name": self.encoder.name, "version": self.encoder.version,
+                     "sha256": self.encoder.sha256}
+        instruments = tuple(d.result(self._noise_kinds) for d in self._dets.values())
+        provenance = {
+            "sources": [s.describe() for s in sources],
+            "frames": sum(d.frames for d in self._dets.values()),
+            "model": model if self._noise_kinds else None,
+            "detectors": {"x".join(map(str, d.shape)): d.report for d in self._dets.values()},
+            "method": "gisaxs_bluesky.adaptation.noise_model (see its docstring)",
+            "seconds": round(seconds, 1),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+        return NoiseModel(instruments, provenance)
 
 
 def fit_noise_model(
@@ -189,44 +289,10 @@ def fit_noise_model(
 
     ``encoder``: a model whose noise head and noise latent describe the frames (None: physics
     estimates only); ``detector`` auto / counting / integrating and ``gain`` as for adapt."""
-    if detector not in ("auto", "counting", "integrating"):
-        raise ValueError(f"detector={detector!r}: expected auto, counting or integrating")
     t0 = time.time()
     src_list = [sources] if hasattr(sources, "describe") else list(sources)
-    dets: dict[tuple, _Detector] = {}
-    pending: dict[tuple, list[SourceFrame]] = {}
-    bar = tqdm(desc="fitting the noise model", unit="frame", disable=not progress)
-
-    def flush(shape: tuple) -> None:
-        items = pending.pop(shape)
-        det = dets[shape] = _Detector(shape)
-        det.decide(items, detector, gain, gain_frames)
-        for it in items:
-            det.add(it, encoder)
-            bar.update(1)
-
+    fitter = NoiseModelFitter(encoder=encoder, detector=detector, gain=gain,
+                              gain_frames=gain_frames, progress=progress)
     for item in iter_frames(src_list, max_frames=max_frames):
-        shape = tuple(np.shape(item.frame))
-        if shape in dets:
-            dets[shape].add(item, encoder)
-            bar.update(1)
-            continue
-        pending.setdefault(shape, []).append(item)
-        if len(pending[shape]) >= gain_frames:
-            flush(shape)
-    for shape in list(pending):
-        flush(shape)
-    bar.close()
-    kinds = tuple(encoder.noise_kinds) if encoder is not None else ()
-    instruments = tuple(d.result(kinds) for d in dets.values())
-    provenance = {
-        "sources": [s.describe() for s in src_list],
-        "frames": sum(d.frames for d in dets.values()),
-        "model": None if encoder is None else {"name": encoder.name, "version": encoder.version,
-                                               "sha256": encoder.sha256},
-        "detectors": {"x".join(map(str, d.shape)): d.report for d in dets.values()},
-        "method": "gisaxs_bluesky.adaptation.noise_model (see its docstring)",
-        "seconds": round(time.time() - t0, 1),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    }
-    return NoiseModel(instruments, provenance)
+        fitter.add(item)
+    return fitter.result(src_list, seconds=time.time() - t0)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from gisaxs_bluesky.adaptation.calibration import CalibrationConfig, calibrate_from_groups
+from gisaxs_bluesky.binning import OnlineBinner
 
 
 def _latents(n_frames=40, draws=2, frame_sd=1.0, noise_sd=0.1, seed=0):
@@ -67,7 +68,10 @@ def test_whole_frames_set_the_thresholds_and_join_the_spread():
     binner, summary = calibrate_from_groups(z, err, frame, draw, frame_latent=zf,
                                             frame_recon_error=ef)
     assert summary["thresholds_from"] == "whole frames"
-    assert binner.recon_threshold == pytest.approx(np.quantile(ef, 0.99))
+    # the 99 % quantile, widened by the joint factor (either test flags at most 1 %)
+    assert summary["joint_factor"] >= 1.0
+    assert binner.recon_threshold == pytest.approx(
+        np.quantile(ef, 0.99) * summary["joint_factor"])
     assert summary["recon_error_median"] == pytest.approx(np.median(ef))
     halves, _ = calibrate_from_groups(z, err, frame, draw)
     assert binner.spread >= halves.spread * 0.9
@@ -125,3 +129,48 @@ def test_reference_cross_fitted_on_whole_frames_flags_about_one_percent():
     _, summary = calibrate_from_groups(z, err, frame, draw, frame_latent=zf,
                                        frame_recon_error=np.ones(8))
     assert summary["reference_split"] == "by frame"
+
+
+def test_joint_quantile_bounds_the_union_of_both_flags():
+    """Reconstruction and reference flags that disagree: each threshold at its 99 % quantile
+    flags about 2 % of new ordinary frames together; widened to the joint 99 % quantile, about
+    1 % (means over 4 beamtimes of 400 frames: one beamtime's 99 % quantile is itself uncertain
+    by about 0.5 %). Frames far off on either test still stand out."""
+    union = {0.99: [], None: []}
+    factors = []
+    for seed in range(4):
+        rng = np.random.default_rng(11 + seed)
+        z, err, frame, draw, sample = _latents(n_frames=400, seed=seed)
+        zf = np.stack([z[frame == f].mean(0) for f in range(400)])
+        ef = rng.gamma(4.0, 0.05, 400)  # independent of the latent: the tests disagree
+        new_z = _latents(n_frames=4000, draws=1, seed=seed)[0][800::2]  # frames 400..3999
+        new_e = rng.gamma(4.0, 0.05, len(new_z))
+        for q in union:  # None: no widening (the factor stays 1)
+            binner, summary = calibrate_from_groups(
+                z, err, frame, draw, identity=sample, frame_latent=zf, frame_recon_error=ef,
+                config=CalibrationConfig(joint_quantile=q))
+            assert summary["reference_split"].endswith("5-fold cross-fitted")
+            flagged = (new_e > binner.recon_threshold) | (binner.reference_score(new_z) > 1)
+            union[q].append(flagged.mean())
+            if q is None:
+                assert summary["joint_factor"] == 1.0
+            else:
+                factors.append(summary["joint_factor"])
+                assert binner.reference_score(zf[:1] + 60.0)[0] > 3
+                assert binner.assign(zf[:1], [10.0]).is_outlier[0]  # 50x the median error
+    assert all(1.0 < f < 1.3 for f in factors), factors
+    assert 0.014 < np.mean(union[None]) < 0.03, union
+    assert 0.005 < np.mean(union[0.99]) < 0.016, union
+    assert np.mean(union[0.99]) < np.mean(union[None]) - 0.004, union
+
+
+def test_widen_to_joint_quantile_checks_its_input():
+    binner = OnlineBinner(recon_threshold=1.0, reference=np.zeros((1, 2)),
+                          reference_threshold=1.0)
+    with pytest.raises(ValueError, match="3 reconstruction errors and 2 reference"):
+        binner.widen_to_joint_quantile(np.ones(3), np.ones(2), 0.99)
+    with pytest.raises(ValueError, match="quantile=0"):
+        binner.widen_to_joint_quantile(np.ones(2), np.ones(2), 0.0)
+    # already within: the thresholds never shrink
+    assert binner.widen_to_joint_quantile(np.full(5, 0.5), np.full(5, 0.5), 0.99) == 1.0
+    assert binner.recon_threshold == 1.0 and binner.reference_threshold == 1.0

@@ -9,13 +9,13 @@ import h5py
 import numpy as np
 import pytest
 
-from gisaxs_bluesky.adaptation import ArraySource
+from gisaxs_bluesky.adaptation import ArraySource, FileSource, load_adapted
 from gisaxs_bluesky.adaptation.noise_model import fit_noise_model
 from gisaxs_bluesky.adaptation.sources import AdaptationError
 from gisaxs_bluesky.cli import main
 from gisaxs_bluesky.models import load_pretrained
-from gisaxs_bluesky.sim import Geometry, Sample
 from gisaxs_bluesky.models.dataset import DatasetSpec, generate
+from gisaxs_bluesky.sim import Geometry, Sample
 from gisaxs_bluesky.sim.noise_transfer import (
     InstrumentNoise,
     NoiseModel,
@@ -295,6 +295,15 @@ def test_adapt_writes_the_noise_model_with_the_adapted_model(tmp_path, capsys):
     inst = model.instruments[0]
     assert inst.shape == (400, 400) and inst.frames == 4 and inst.detector == "counting"
     assert inst.inactive.any()  # the module gap rows flagged -1
+    # read once inside adapt = a second read of the files with the adapted model
+    again = fit_noise_model(FileSource(folder), encoder=load_adapted(out, "cpu"),
+                            progress=False).instruments[0]
+    assert again.dose_log_mean == pytest.approx(inst.dose_log_mean)
+    assert again.hot_pixel_fraction == inst.hot_pixel_fraction
+    np.testing.assert_array_equal(again.inactive, inst.inactive)
+    for kind, p in again.kind_probability.items():
+        assert inst.kind_probability[kind] == pytest.approx(p, abs=0.02), kind
+    np.testing.assert_allclose(inst.noise_latent_mean, again.noise_latent_mean, atol=0.05)
     adapted, card, _ = load_checkpoint(out)
     base, _, _ = load_checkpoint(pretrained_path())
     assert card["adaptation"]["config"]["trainable"] == "identity"
