@@ -62,9 +62,13 @@ class DatasetSpec:
     p_mask: float = 0.5
     compute_binning: int = 6
     # "shipped": the Pilatus 1M set-up the shipped model knows (beam and incidence jittered);
-    # "train": one random instrument per identity (sim.instruments.random_instrument);
+    # "train": random instruments per identity (sim.instruments.random_instrument);
     # a name in sim.instruments.HELD_OUT: that set-up, which training never draws
     instruments: str = "shipped"
+    # with instruments="train" and the q grid: each identity measured on this many random
+    # instruments (frames round-robin over them), so that the consistency loss pulls one
+    # sample's latents together across geometries, not only across noise draws
+    instruments_per_identity: int = 1
     # "pixels": detector blocks (models.preprocess.preprocess); "qgrid": the fixed (q_z, q_par)
     # grid of geometry.QGrid() (models.preprocess.q_inputs)
     input_mode: str = "pixels"
@@ -89,6 +93,14 @@ class DatasetSpec:
                              f"one of {sorted(HELD_OUT)}")
         if self.input_mode not in ("pixels", "qgrid"):
             raise ValueError(f"input_mode={self.input_mode!r} must be 'pixels' or 'qgrid'")
+        if self.instruments_per_identity < 1:
+            raise ValueError(f"instruments_per_identity={self.instruments_per_identity} must "
+                             "be >= 1")
+        if self.instruments_per_identity > 1 and (self.instruments != "train"
+                                                  or self.input_mode != "qgrid"):
+            raise ValueError("instruments_per_identity > 1 needs instruments='train' and "
+                             "input_mode='qgrid' (one sample on several random instruments, on "
+                             "the common q grid)")
         if not self.binned and self.instruments == "train":
             raise ValueError("full frames (binned=False) need one detector: instruments='train' "
                              "draws several")
@@ -118,12 +130,32 @@ def _identity_geometry(rng: np.random.Generator, jitter: bool) -> Geometry:
     )
 
 
+def _identity_sample(spec: DatasetSpec, index: int) -> tuple[np.random.Generator, Sample]:
+    """The identity's random stream and its sample at the reference wavelength."""
+    rng = np.random.default_rng([spec.seed, index])
+    structure = spec.structures[index % len(spec.structures)]
+    return rng, random_sample(rng, structure=structure)
+
+
+def identity_setups(spec: DatasetSpec, index: int
+                    ) -> tuple[np.random.Generator, list[tuple[Sample, Geometry]]]:
+    """(rng, [(sample, geometry)] * ``spec.instruments_per_identity``): one sample on each of
+    its instruments, its refractive indices at each instrument's wavelength. The first is
+    :func:`identity_setup`'s; the others are drawn after it from the same stream."""
+    rng, sample, geometry = identity_setup(spec, index)
+    setups = [(sample, geometry)]
+    if spec.instruments_per_identity > 1:
+        base = _identity_sample(spec, index)[1]
+        for _ in range(spec.instruments_per_identity - 1):
+            g = random_instrument(rng)
+            setups.append((at_wavelength(base, g.wavelength_nm), g))
+    return rng, setups
+
+
 def identity_setup(spec: DatasetSpec, index: int) -> tuple[np.random.Generator, Sample, Geometry]:
     """(rng, sample, geometry) of identity ``index``; the sample's refractive indices are those
     at the instrument's wavelength."""
-    rng = np.random.default_rng([spec.seed, index])
-    structure = spec.structures[index % len(spec.structures)]
-    sample: Sample = random_sample(rng, structure=structure)
+    rng, sample = _identity_sample(spec, index)
     if spec.instruments == "shipped":
         return rng, sample, _identity_geometry(rng, spec.jitter_geometry)
     if spec.instruments == "train":
@@ -209,17 +241,21 @@ def _labels(index: int, sample: Sample, noise: NoiseSpec, geometry: Geometry) ->
 
 
 def _iter_identity_q(spec: DatasetSpec, index: int) -> Iterator[dict]:
-    """:func:`iter_identity` on the fixed q grid: remapped with the identity's geometry."""
-    rng, sample, geometry = identity_setup(spec, index)
-    instrument = geometry.instrument()
+    """:func:`iter_identity` on the fixed q grid: remapped with the geometry of each frame's
+    instrument (frames round-robin over the identity's instruments)."""
+    rng, setups = identity_setups(spec, index)
     grid = QGrid()
-    mask = nominal_mask(geometry)
-    nominal = remap_table(instrument, grid, mask)
-    clean = expected_intensity(sample, geometry, dose_counts=10.0,
-                               compute_binning=spec.compute_binning)
-    clean_in = q_inputs(remap(nominal, clean, threads=1), nominal)[0][0]
-    target = pool2(clean_in[0], clean_in[1])
-    for _ in range(spec.frames_per_identity):
+    prepared = []
+    for sample, geometry in setups:
+        instrument = geometry.instrument()
+        nominal = remap_table(instrument, grid, nominal_mask(geometry))
+        clean = expected_intensity(sample, geometry, dose_counts=10.0,
+                                   compute_binning=spec.compute_binning)
+        clean_in = q_inputs(remap(nominal, clean, threads=1), nominal)[0][0]
+        prepared.append((sample, geometry, instrument, nominal, clean,
+                         pool2(clean_in[0], clean_in[1])))
+    for j in range(spec.frames_per_identity):
+        sample, geometry, instrument, nominal, clean, target = prepared[j % len(prepared)]
         noise, result = _noisy_frame(spec, sample, geometry, rng)
         row = _labels(index, sample, noise, geometry)
         if spec.binned:
@@ -328,6 +364,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="shipped (the Pilatus 1M set-up of the shipped model), train (a "
                         "random instrument per identity) or a held-out set-up of "
                         "sim.instruments.HELD_OUT")
+    parser.add_argument("--instruments-per-identity", type=int,
+                        default=DatasetSpec.instruments_per_identity,
+                        help="with --instruments train --input-mode qgrid: each sample on this "
+                        "many random instruments (its frames round-robin over them)")
     parser.add_argument("--input-mode", default=DatasetSpec.input_mode,
                         choices=["pixels", "qgrid"],
                         help="model input: detector blocks or the fixed (q_z, q_par) grid")
@@ -352,6 +392,7 @@ def run(args: argparse.Namespace) -> int:
         input_mode=args.input_mode,
         noise_from=args.noise_from,
         noise_from_fraction=args.noise_fraction,
+        instruments_per_identity=args.instruments_per_identity,
     )
     if args.noise_from:
         try:  # a missing or corrupt file fails before any work

@@ -198,6 +198,92 @@ def baseline_bins(frames: list[np.ndarray], masks: list[np.ndarray], n_clusters:
     return best
 
 
+def _held_out_frames(name: str, n_identities: int, frames_per_identity: int, dose: float,
+                     seed: int) -> tuple:
+    """Frames of ``n_identities`` samples on the held-out set-up ``name`` (photon and the
+    detector's own noise): frames, masks, identity, structure, radius, distance, geometry.
+    The samples depend on ``seed`` only, so one seed on two set-ups measures the same
+    samples on both."""
+    spec = DatasetSpec(n_identities=n_identities, frames_per_identity=frames_per_identity,
+                       seed=seed, instruments=name, dose_counts=dose, p_kind=0.0,
+                       binned=False, jitter_geometry=False)
+    frames, masks, ids, structure, radius, distance = [], [], [], [], [], []
+    for i in range(n_identities):
+        rng, sample, geometry = identity_setup(spec, i)
+        for _ in range(frames_per_identity):
+            noise = _detector_noise(NoiseSpec(dose, {"poisson": 1.0, "gaps": 1.0}),
+                                    geometry, rng)
+            frames.append(simulate(sample, geometry, noise, rng, compute_binning=4).counts)
+            masks.append(nominal_mask(geometry))
+            ids.append(i)
+            structure.append(sample.structure_index)
+            radius.append(sample.radius_nm)
+            distance.append(sample.distance_nm)
+    return (frames, masks, np.array(ids), np.array(structure), np.array(radius),
+            np.array(distance), geometry)
+
+
+def evaluate_cross_instrument(
+    qencoder,
+    *,
+    instruments: tuple[str, str] = ("p03_pilatus1m_2.4m", "lab_ccd1024_cu_1.2m"),
+    n_identities: int = 10,
+    frames_per_identity: int = 4,
+    dose: float = 3.0,
+    seed: int = 31_000,
+) -> dict:
+    """One set of samples measured on two held-out set-ups, streamed in random order through
+    one fresh calibrated binner: the fraction of (frame on one, frame on the other) pairs of
+    the same sample that share a bin (issue target >= 90 %), the same for pairs of different
+    samples (merges), ARI of bins vs sample over both; and log block means + PCA + k-means
+    with the true number of samples on the same frames."""
+    if not isinstance(qencoder, QEncoder):
+        qencoder = QEncoder(qencoder)
+    a, b = instruments
+    sets = [_held_out_frames(name, n_identities, frames_per_identity, dose, seed)
+            for name in (a, b)]
+    latent, err, ids, side, frames, masks = [], [], [], [], [], []
+    for k, (fr, ms, idk, *_, geometry) in enumerate(sets):
+        out = qencoder.encode(np.stack(fr), geometry.instrument(), ms[0])
+        latent.append(out.identity_latent)
+        err.append(out.recon_error)
+        ids.append(idk)
+        side.append(np.full(len(idk), k))
+        frames += fr
+        masks += ms
+    latent, err = np.concatenate(latent), np.concatenate(err)
+    ids, side = np.concatenate(ids), np.concatenate(side)
+    order = np.random.default_rng(seed).permutation(len(ids))
+    assigned = make_binner(qencoder.encoder).assign(latent[order], err[order])
+    bins = np.empty_like(assigned.bin_id)
+    bins[order] = assigned.bin_id
+    base = baseline_bins(frames, masks, n_identities, seed=seed)
+
+    def pairs(labels: np.ndarray) -> tuple[float, float]:
+        """(same sample, different samples): fractions of cross-instrument pairs in one bin
+        (frames without a bin, id < 0, share none)."""
+        ia, ib = np.flatnonzero(side == 0), np.flatnonzero(side == 1)
+        same_bin = (labels[ia][:, None] == labels[ib][None, :]) & (labels[ia][:, None] >= 0)
+        same_id = ids[ia][:, None] == ids[ib][None, :]
+        return float(same_bin[same_id].mean()), float(same_bin[~same_id].mean())
+
+    same, other = pairs(bins)
+    base_same, base_other = pairs(base)
+    return {
+        "instruments": list(instruments),
+        "dose_counts": dose,
+        "frames": int(len(ids)),
+        "bins": int(len(np.unique(bins))),
+        "pairs_same_sample_in_one_bin": same,
+        "pairs_other_samples_in_one_bin": other,
+        "ari_vs_identity": adjusted_rand_index(ids, bins),
+        "outlier_fraction_clean": float(assigned.is_outlier.mean()),
+        "baseline_pairs_same_sample_in_one_bin": base_same,
+        "baseline_pairs_other_samples_in_one_bin": base_other,
+        "baseline_ari_vs_identity": adjusted_rand_index(ids, base),
+    }
+
+
 def evaluate_instruments(
     qencoder,
     *,
@@ -222,23 +308,8 @@ def evaluate_instruments(
     for name in instruments:
         per_dose = {}
         for level, dose in enumerate(dose_levels):
-            spec = DatasetSpec(n_identities=n_identities, frames_per_identity=frames_per_identity,
-                               seed=seed + 100 * level, instruments=name, dose_counts=dose,
-                               p_kind=0.0, binned=False, jitter_geometry=False)
-            frames, masks, ids, structure, radius, distance = [], [], [], [], [], []
-            for i in range(n_identities):
-                rng, sample, geometry = identity_setup(spec, i)
-                for _ in range(frames_per_identity):
-                    noise = _detector_noise(NoiseSpec(dose, {"poisson": 1.0, "gaps": 1.0}),
-                                            geometry, rng)
-                    frames.append(simulate(sample, geometry, noise, rng, compute_binning=4).counts)
-                    masks.append(nominal_mask(geometry))
-                    ids.append(i)
-                    structure.append(sample.structure_index)
-                    radius.append(sample.radius_nm)
-                    distance.append(sample.distance_nm)
-            ids, structure = np.array(ids), np.array(structure)
-            radius, distance = np.array(radius), np.array(distance)
+            frames, masks, ids, structure, radius, distance, geometry = _held_out_frames(
+                name, n_identities, frames_per_identity, dose, seed + 100 * level)
             out = qencoder.encode(np.stack(frames), geometry.instrument(), masks[0])
             order = np.random.default_rng(seed + level).permutation(len(ids))
             binner = make_binner(qencoder.encoder)
@@ -359,10 +430,14 @@ def run(args: argparse.Namespace) -> int:
     encoder = load_encoder(args.model, args.device) if args.model else load_pretrained(args.device)
     result: dict = {"model": encoder.info()}
     if args.instruments is not None:
+        names = tuple(args.instruments) or tuple(HELD_OUT)
         result["instruments"] = evaluate_instruments(
-            encoder, instruments=tuple(args.instruments) or None,
-            n_identities=min(args.identities, 50), frames_per_identity=args.frames_per_identity,
-            seed=args.seed)
+            encoder, instruments=names, n_identities=min(args.identities, 50),
+            frames_per_identity=args.frames_per_identity, seed=args.seed)
+        if len(names) >= 2:  # the same samples on the first two set-ups
+            result["cross_instrument"] = evaluate_cross_instrument(
+                encoder, instruments=names[:2], n_identities=min(args.identities, 50),
+                frames_per_identity=args.frames_per_identity, seed=args.seed + 1000)
     elif args.real is not None:
         paths: list[Path] = []
         for p in map(Path, args.real or []):

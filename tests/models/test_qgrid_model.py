@@ -83,6 +83,28 @@ def test_held_out_instrument_report_with_the_baseline_alongside(q_model):
     assert row["radius_rel_rmse"] >= 0
 
 
+def test_cross_instrument_report(q_model):
+    """The same samples on two held-out set-ups (same seed, same samples; each set-up's
+    geometry), one binner: pair fractions are consistent with the bins."""
+    from gisaxs_bluesky.models.evaluate import _held_out_frames, evaluate_cross_instrument
+
+    a = _held_out_frames("p03_pilatus1m_2.4m", 3, 1, 3.0, seed=7)
+    b = _held_out_frames("lab_ccd1024_cu_1.2m", 3, 1, 3.0, seed=7)
+    np.testing.assert_array_equal(a[4], b[4])  # radii: the same samples
+    assert a[0][0].shape != b[0][0].shape  # on other detectors
+    encoder = load_qencoder(q_model[0], "cpu")
+    row = evaluate_cross_instrument(encoder, n_identities=3, frames_per_identity=2, seed=7)
+    assert row["frames"] == 12 and row["instruments"] == ["p03_pilatus1m_2.4m",
+                                                         "lab_ccd1024_cu_1.2m"]
+    for key in ("pairs_same_sample_in_one_bin", "pairs_other_samples_in_one_bin",
+                "baseline_pairs_same_sample_in_one_bin", "outlier_fraction_clean"):
+        assert 0.0 <= row[key] <= 1.0, key
+    if row["bins"] == 1:  # one bin holds every pair
+        assert row["pairs_same_sample_in_one_bin"] == row["pairs_other_samples_in_one_bin"] == 1
+    # the baseline has as many clusters as samples: some pair shares one, not all do
+    assert row["baseline_pairs_other_samples_in_one_bin"] < 1.0
+
+
 def test_homogeneity_and_baseline_on_separable_frames():
     from gisaxs_bluesky.models.evaluate import baseline_bins, homogeneity
 

@@ -165,3 +165,26 @@ def test_q_grid_dataset_rows_and_bad_specs():
         DatasetSpec(input_mode="fourier")
     with pytest.raises(ValueError, match="binned=False"):
         DatasetSpec(instruments="train", binned=False)
+
+
+def test_one_sample_on_several_instruments():
+    """instruments_per_identity=2: frames of one identity alternate between two instruments
+    (geometry labels differ, sample labels do not), each with its own clean target; the first
+    instrument is the one-instrument spec's."""
+    one = DatasetSpec(n_identities=2, frames_per_identity=4, instruments="train",
+                      input_mode="qgrid", seed=3)
+    two = DatasetSpec(n_identities=2, frames_per_identity=4, instruments="train",
+                      input_mode="qgrid", seed=3, instruments_per_identity=2)
+    rows1, rows2 = list(iter_identity(one, 1)), list(iter_identity(two, 1))
+    geom = [(r["wavelength_nm"], r["sample_distance_mm"], r["incidence_deg"]) for r in rows2]
+    assert geom[0] == geom[2] != geom[1] == geom[3]
+    assert geom[0] == (rows1[0]["wavelength_nm"], rows1[0]["sample_distance_mm"],
+                       rows1[0]["incidence_deg"])
+    for key in ("identity", "structure_index", "radius_nm", "distance_nm"):
+        assert len({r[key] for r in rows2}) == 1, key
+    np.testing.assert_array_equal(rows2[0]["target"], rows1[0]["target"])
+    assert not np.array_equal(rows2[0]["target"], rows2[1]["target"])
+    with pytest.raises(ValueError, match="instruments_per_identity > 1 needs"):
+        DatasetSpec(instruments_per_identity=2)
+    with pytest.raises(ValueError, match="instruments_per_identity=0"):
+        DatasetSpec(instruments="train", input_mode="qgrid", instruments_per_identity=0)
