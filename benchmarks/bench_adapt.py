@@ -14,9 +14,11 @@ held-out set are disjoint draws of such variants. Printed:
    one bin, base and adapted;
 4. held-out simulation metrics (``gisaxs_bluesky.models.evaluate.evaluate_simulated``) of the
    shipped model and of the adapted weights (with the shipped, simulation-calibrated binner:
-   the weights' change alone), and their difference.
+   the weights' change alone), and their difference;
+5. Noise2Noise losses on halves of held-out real variants (each half's decoder pattern and
+   denoiser output against the other half), base and adapted: denoising of real frames.
 
-``python benchmarks/bench_adapt.py [--variants 100] [--threads 2] [--device cpu]``
+``python benchmarks/bench_adapt.py [--variants 100] [--held 300] [--threads 2] [--device cpu]``
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ from gisaxs_bluesky.adaptation import (
     to_photon_counts,
 )
 from gisaxs_bluesky.adaptation.anchor import anchor_set
+from gisaxs_bluesky.adaptation.halves import build_pairs
+from gisaxs_bluesky.adaptation.n2n import pair_losses
 from gisaxs_bluesky.models import Encoder, load_checkpoint, load_pretrained, make_binner
 from gisaxs_bluesky.models.evaluate import evaluate_simulated
 from gisaxs_bluesky.sim import STRUCTURES, Geometry, NoiseSpec, Sample, simulate
@@ -160,6 +164,29 @@ def split_half(encoder: Encoder, frames: list[np.ndarray], seed: int = 0) -> dic
             "outlier_fraction": float(res.is_outlier.mean())}
 
 
+def held_out_n2n(encoders: dict[str, Encoder], sources: list[Variants]) -> dict:
+    """Noise2Noise losses on held-out real frames' halves (each half's decoder pattern and
+    denoiser output against the other half, as adapt trains them, here on frames it never
+    saw), per model: does the denoiser predict real frames better after adaptation?"""
+    first = next(iter(encoders.values()))
+    cfg = AdaptConfig(num_threads=torch.get_num_threads())
+    pairs, _, _ = build_pairs(sources, first, cfg, None, None, False, None, False)
+    out = {}
+    for name, enc in encoders.items():
+        rng = np.random.default_rng(7)
+        sums = {"n2n_decoder": 0.0, "n2n_denoiser": 0.0}
+        n = len(pairs.group)
+        with torch.no_grad():
+            for s in range(0, n, 8):
+                idx = torch.arange(s, min(s + 8, n))
+                losses = pair_losses(enc.model.eval(), pairs, idx, cfg, 1.0, enc.device, rng)
+                for k in sums:
+                    sums[k] += float(losses[k]) * len(idx)
+        out[name] = {k: v / n for k, v in sums.items()}
+    out["pairs"] = int(len(pairs.group))  # frames x thinnings
+    return out
+
+
 def with_binner_of(encoder: Encoder, card_from: dict) -> Encoder:
     card = {**encoder.card, "binner": card_from["binner"]}
     return Encoder(encoder.model, card, encoder.device)
@@ -173,7 +200,8 @@ SIM_KEYS = ("noise_macro_f1", "structure_accuracy", "radius_rel_rmse", "distance
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variants", type=int, default=100, help="adaptation frames per sample")
-    parser.add_argument("--held", type=int, default=40, help="held-out variants per sample")
+    parser.add_argument("--held", type=int, default=300,
+                        help="held-out variants per sample (300: 1 % is 6 frames)")
     parser.add_argument("--epochs", type=int, default=AdaptConfig.epochs)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
@@ -219,6 +247,11 @@ def main() -> None:
         r = enc.encode(np.stack(sims))
         u["simulated frames"] = (r.identity_latent, r.recon_error)
         figures[f"real_{name}"] = real_figures(enc, h, u)
+    t0 = time.time()
+    figures["held_out_real_n2n"] = held_out_n2n(
+        {"before": base, "after": adapted},
+        [Variants(c, m, 20, 400 + i, k, g) for i, (k, (c, m, g, _)) in enumerate(real.items())])
+    figures["held_out_real_n2n"]["seconds"] = round(time.time() - t0, 1)
     sims2 = sim_frames(n_per=2, seed=501)
     figures["split_half_before"] = split_half(base, sims2)
     figures["split_half_after"] = split_half(adapted, sims2)
@@ -262,6 +295,11 @@ def _print(f: dict) -> None:
               f"({f[k]['pairs']} pairs, outliers {f[k]['outlier_fraction']:.1%})")
     if "sim_max_drop" in f:
         print(f"  simulation metrics, largest drop after adaptation: {f['sim_max_drop']:+.4f}")
+    n2n = f["held_out_real_n2n"]
+    b, a = n2n["before"], n2n["after"]
+    print(f"  held-out real frames ({n2n['pairs']} pairs of halves), Noise2Noise decoder / "
+          f"denoiser loss: before {b['n2n_decoder']:.4f} / {b['n2n_denoiser']:.4f}, after "
+          f"{a['n2n_decoder']:.4f} / {a['n2n_denoiser']:.4f}")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ set (dilute spheres of 8 nm) should stand out: its flagged fraction is printed.
 
 Needs the ``reference`` extra (``pip install bornagain``).
 
-``python benchmarks/bench_proxy_beamtime.py [--adapt 40] [--held 30] [--threads 2]``
+``python benchmarks/bench_proxy_beamtime.py [--adapt 40] [--held 100] [--threads 2]``
 """
 
 from __future__ import annotations
@@ -192,7 +192,8 @@ def baseline(frames: dict[str, list[np.ndarray]]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--adapt", type=int, default=40, help="adaptation frames per sample")
-    parser.add_argument("--held", type=int, default=30, help="held-out frames per sample")
+    parser.add_argument("--held", type=int, default=100,
+                        help="held-out frames per sample (100: 1 % of the four is 4 frames)")
     parser.add_argument("--epochs", type=int, default=AdaptConfig.epochs)
     parser.add_argument("--threshold-holdout", type=float,
                         default=AdaptConfig.threshold_holdout,
