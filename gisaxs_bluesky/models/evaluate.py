@@ -169,14 +169,21 @@ def homogeneity(classes: np.ndarray, bins: np.ndarray) -> float:
     return float(agree / max(len(classes), 1))
 
 
+def baseline_features(frames: list[np.ndarray], masks: list[np.ndarray],
+                      n_components: int = 10) -> np.ndarray:
+    """The baseline's features: log block means (128 x 128, the pixel model's first channel),
+    centred, projected on their first ``n_components`` principal components."""
+    x = np.stack([preprocess(f, m)[0].ravel() for f, m in zip(frames, masks, strict=True)])
+    x = x - x.mean(0)
+    u, sv, _ = np.linalg.svd(x, full_matrices=False)
+    return u[:, :n_components] * sv[:n_components]
+
+
 def baseline_bins(frames: list[np.ndarray], masks: list[np.ndarray], n_clusters: int,
                   seed: int = 0, n_components: int = 10) -> np.ndarray:
     """Log block means (128 x 128, the pixel model's first channel) + PCA + k-means with the
     true number of identities: what plain binning achieves without a model."""
-    x = np.stack([preprocess(f, m)[0].ravel() for f, m in zip(frames, masks, strict=True)])
-    x = x - x.mean(0)
-    u, sv, _ = np.linalg.svd(x, full_matrices=False)
-    z = u[:, :n_components] * sv[:n_components]
+    z = baseline_features(frames, masks, n_components)
     rng = np.random.default_rng(seed)
     best, best_inertia = None, np.inf
     for _ in range(10):  # k-means++ restarts
@@ -235,8 +242,9 @@ def evaluate_cross_instrument(
     """One set of samples measured on two held-out set-ups, streamed in random order through
     one fresh calibrated binner: the fraction of (frame on one, frame on the other) pairs of
     the same sample that share a bin (issue target >= 90 %), the same for pairs of different
-    samples (merges), ARI of bins vs sample over both; and log block means + PCA + k-means
-    with the true number of samples on the same frames."""
+    samples (merges), ARI of bins vs sample over both, how often a frame's nearest frame on
+    the other set-up (identity latents) is the same sample; and log block means + PCA (+
+    k-means with the true number of samples) on the same frames."""
     if not isinstance(qencoder, QEncoder):
         qencoder = QEncoder(qencoder)
     a, b = instruments
@@ -267,8 +275,19 @@ def evaluate_cross_instrument(
         same_id = ids[ia][:, None] == ids[ib][None, :]
         return float(same_bin[same_id].mean()), float(same_bin[~same_id].mean())
 
+    def nearest_across(features: np.ndarray) -> float:
+        """Fraction of frames whose nearest frame on the other set-up is the same sample
+        (chance: 1 / n_identities); needs no binner calibration."""
+        hits = []
+        for k in (0, 1):
+            here, there = np.flatnonzero(side == k), np.flatnonzero(side != k)
+            d2 = ((features[here][:, None] - features[there][None]) ** 2).sum(-1)
+            hits.append(ids[there][d2.argmin(1)] == ids[here])
+        return float(np.concatenate(hits).mean())
+
     same, other = pairs(bins)
     base_same, base_other = pairs(base)
+    base_features = baseline_features(frames, masks)
     return {
         "instruments": list(instruments),
         "dose_counts": dose,
@@ -277,7 +296,10 @@ def evaluate_cross_instrument(
         "pairs_same_sample_in_one_bin": same,
         "pairs_other_samples_in_one_bin": other,
         "ari_vs_identity": adjusted_rand_index(ids, bins),
+        "nearest_across_same_sample": nearest_across(latent),
+        "chance": 1.0 / n_identities,
         "outlier_fraction_clean": float(assigned.is_outlier.mean()),
+        "baseline_nearest_across_same_sample": nearest_across(base_features),
         "baseline_pairs_same_sample_in_one_bin": base_same,
         "baseline_pairs_other_samples_in_one_bin": base_other,
         "baseline_ari_vs_identity": adjusted_rand_index(ids, base),

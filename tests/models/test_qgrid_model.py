@@ -96,8 +96,10 @@ def test_cross_instrument_report(q_model):
     row = evaluate_cross_instrument(encoder, n_identities=3, frames_per_identity=2, seed=7)
     assert row["frames"] == 12 and row["instruments"] == ["p03_pilatus1m_2.4m",
                                                          "lab_ccd1024_cu_1.2m"]
+    assert row["chance"] == pytest.approx(1 / 3)
     for key in ("pairs_same_sample_in_one_bin", "pairs_other_samples_in_one_bin",
-                "baseline_pairs_same_sample_in_one_bin", "outlier_fraction_clean"):
+                "baseline_pairs_same_sample_in_one_bin", "outlier_fraction_clean",
+                "nearest_across_same_sample", "baseline_nearest_across_same_sample"):
         assert 0.0 <= row[key] <= 1.0, key
     if row["bins"] == 1:  # one bin holds every pair
         assert row["pairs_same_sample_in_one_bin"] == row["pairs_other_samples_in_one_bin"] == 1
