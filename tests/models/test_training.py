@@ -42,6 +42,7 @@ def tiny_sets(tmp_path_factory):
     return train_path, val_path
 
 
+@pytest.mark.slow  # training: `make test-all`
 def test_tiny_model_beats_chance_on_noise_kinds_and_resumes(tiny_sets, tmp_path):
     train_path, val_path = tiny_sets
     out = tmp_path / "tiny.pt"
@@ -70,6 +71,7 @@ def test_tiny_model_beats_chance_on_noise_kinds_and_resumes(tiny_sets, tmp_path)
     assert np.mean(scores) > 0.6, scores
 
 
+@pytest.mark.slow  # training: `make test-all`
 def test_denoiser_fine_tune_changes_only_the_denoiser(tiny_sets, tmp_path):
     train_path, val_path = tiny_sets
     base = tmp_path / "base.pt"
@@ -93,6 +95,7 @@ def test_denoiser_fine_tune_changes_only_the_denoiser(tiny_sets, tmp_path):
     assert np.abs(out_a["denoised"] - out_b["denoised"]).max() > 1e-3
 
 
+@pytest.mark.slow  # training: `make test-all`
 def test_noise_branch_refit_changes_only_the_noise_branch(tiny_sets, tmp_path):
     train_path, val_path = tiny_sets
     base = tmp_path / "base.pt"
