@@ -36,6 +36,10 @@ class ModelConfig:
     n_noise_kinds: int = 10
     n_structures: int = 5
     refine_channels: int = 16  # the denoiser that refines the decoder's pattern at 256 x 256
+    # the decoder's pattern is shifted (in log intensity) onto the frame's own level over the
+    # valid blocks, and trained shift-free: the identity latent then need not carry the dose
+    # scale, which on the q grid depends on how much of it the detector covers
+    align_recon: bool = False
 
     @property
     def latent_dim(self) -> int:

@@ -294,8 +294,9 @@ def _encode(encoder: Encoder, inputs: Sequence[torch.Tensor], batch: int = 64,
             out = encoder.encode_preprocessed(x[s : s + batch].float().numpy())
             z.append(out["latent"][:, : encoder.identity_dim])
             err.append(out["recon_error"])
-            prob.append(out["noise_prob"])
-            zn.append(out["latent"][:, encoder.identity_dim :])
+            if noise:
+                prob.append(out["noise_prob"])
+                zn.append(out["latent"][:, encoder.identity_dim :])
     if noise:
         return (np.concatenate(z), np.concatenate(err),
                 (np.concatenate(prob), np.concatenate(zn)))

@@ -206,15 +206,17 @@ class NoiseModelFitter:
         self.encoder, self.detector, self.gain, self.gain_frames = (encoder, detector, gain,
                                                                      gain_frames)
         self._dets: dict[tuple, _Detector] = {}
+        self._n = 0
         self._pending: dict[tuple, list[SourceFrame]] = {}
-        self._order: list[tuple] = []  # each added frame's shape
+        self._rows: dict[tuple, list[int]] = {}  # shape -> positions of its frames
         self._noise_kinds: tuple[str, ...] = (tuple(encoder.noise_kinds) if encoder is not None
                                               else ())
         self._bar = tqdm(desc="fitting the noise model", unit="frame", disable=not progress)
 
     def add(self, item: SourceFrame) -> None:
         shape = tuple(np.shape(item.frame))
-        self._order.append(shape)
+        self._rows.setdefault(shape, []).append(self.frames)
+        self._n += 1
         if shape in self._dets:
             self._dets[shape].add(item, self.encoder)
             self._bar.update(1)
@@ -233,7 +235,7 @@ class NoiseModelFitter:
 
     @property
     def frames(self) -> int:
-        return len(self._order)
+        return self._n
 
     def set_noise(self, noise_prob: np.ndarray, noise_latent: np.ndarray,
                   noise_kinds: Sequence[str]) -> None:
@@ -246,7 +248,7 @@ class NoiseModelFitter:
         for shape in list(self._pending):
             self._flush(shape)
         for shape, det in self._dets.items():
-            rows = [i for i, s in enumerate(self._order) if s == shape]
+            rows = self._rows[shape]
             det.noise_prob, det.noise_latent = list(prob[rows]), list(lat[rows])
         self._noise_kinds = tuple(noise_kinds)
 

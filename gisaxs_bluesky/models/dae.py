@@ -9,7 +9,22 @@ from torch import nn
 
 from ..config import ModelConfig
 
-__all__ = ["GisaxsDAE", "DAEOutput"]
+__all__ = ["GisaxsDAE", "DAEOutput", "level_offset", "pooled_level"]
+
+
+def pooled_level(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, 64, 64) log intensity of the valid bins of 2 x 2 blocks of (N, C, 128, 128) inputs
+    and the (N, 64, 64) weight of each block: 1 where at least 3 of its 4 bins are valid."""
+    good = (x[:, 1:2] > 0).to(x.dtype)
+    n = nn.functional.avg_pool2d(good, 2)[:, 0]
+    log_i = nn.functional.avg_pool2d(x[:, :1] * good, 2)[:, 0] / n.clamp_min(0.25)
+    return log_i, (n >= 0.75).to(x.dtype)
+
+
+def level_offset(recon: torch.Tensor, level: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """(N,) shift that puts ``recon`` on ``level`` in the weighted mean (0 without weight)."""
+    w = weight.sum(dim=(1, 2))
+    return ((level - recon) * weight).sum(dim=(1, 2)) / w.clamp_min(1)
 
 
 def _down(c_in: int, c_out: int) -> nn.Sequential:
@@ -148,10 +163,14 @@ class GisaxsDAE(nn.Module):
     def forward(self, x: torch.Tensor) -> DAEOutput:
         z_id, z_noise = self.encode(x)
         sizes = self.size_head(z_id)
+        recon = self.decode(z_id)
+        if self.config.align_recon:
+            log_i, weight = pooled_level(x)
+            recon = recon + level_offset(recon, log_i, weight)[:, None, None]
         return DAEOutput(
             z_identity=z_id,
             z_noise=z_noise,
-            recon=self.decode(z_id),
+            recon=recon,
             noise_logits=self.noise_head(z_noise),
             structure_logits=self.structure_head(z_id),
             log_radius=sizes[:, 0],

@@ -142,10 +142,9 @@ def identity_setups(spec: DatasetSpec, index: int
     """(rng, [(sample, geometry)] * ``spec.instruments_per_identity``): one sample on each of
     its instruments, its refractive indices at each instrument's wavelength. The first is
     :func:`identity_setup`'s; the others are drawn after it from the same stream."""
-    rng, sample, geometry = identity_setup(spec, index)
-    setups = [(sample, geometry)]
+    rng, base, geometry = _identity_draw(spec, index)
+    setups = [(_at_instrument(spec, base, geometry), geometry)]
     if spec.instruments_per_identity > 1:
-        base = _identity_sample(spec, index)[1]
         for _ in range(spec.instruments_per_identity - 1):
             g = random_instrument(rng)
             setups.append((at_wavelength(base, g.wavelength_nm), g))
@@ -155,18 +154,32 @@ def identity_setups(spec: DatasetSpec, index: int
 def identity_setup(spec: DatasetSpec, index: int) -> tuple[np.random.Generator, Sample, Geometry]:
     """(rng, sample, geometry) of identity ``index``; the sample's refractive indices are those
     at the instrument's wavelength."""
+    rng, sample, geometry = _identity_draw(spec, index)
+    return rng, _at_instrument(spec, sample, geometry), geometry
+
+
+def _identity_draw(spec: DatasetSpec, index: int
+                   ) -> tuple[np.random.Generator, Sample, Geometry]:
+    """(rng, sample at the reference wavelength, geometry) of identity ``index``."""
     rng, sample = _identity_sample(spec, index)
     if spec.instruments == "shipped":
         return rng, sample, _identity_geometry(rng, spec.jitter_geometry)
     if spec.instruments == "train":
-        geometry = random_instrument(rng)
-    else:
-        geometry = HELD_OUT[spec.instruments]
-        if spec.jitter_geometry:
-            r, c = geometry.beam_center_px
-            geometry = replace(geometry, beam_center_px=(r + rng.uniform(-8, 8),
-                                                         c + rng.uniform(-8, 8)))
-    return rng, at_wavelength(sample, geometry.wavelength_nm), geometry
+        return rng, sample, random_instrument(rng)
+    geometry = HELD_OUT[spec.instruments]
+    if spec.jitter_geometry:
+        r, c = geometry.beam_center_px
+        geometry = replace(geometry, beam_center_px=(r + rng.uniform(-8, 8),
+                                                     c + rng.uniform(-8, 8)))
+    return rng, sample, geometry
+
+
+def _at_instrument(spec: DatasetSpec, sample: Sample, geometry: Geometry) -> Sample:
+    """The sample's refractive indices at the geometry's wavelength (the shipped instrument
+    keeps the reference ones)."""
+    if spec.instruments == "shipped":
+        return sample
+    return at_wavelength(sample, geometry.wavelength_nm)
 
 
 def _detector_noise(noise: NoiseSpec, geometry: Geometry, rng: np.random.Generator) -> NoiseSpec:

@@ -18,6 +18,7 @@ from ..sim.simulate import nominal_mask, simulate
 from . import make_binner
 from .dataset import DatasetSpec, _detector_noise, identity_setup, iter_identity
 from .inference import Encoder, load_encoder, load_pretrained, to_detector_resolution
+from .invariance import qgrid_template_distances
 from .preprocess import frame_scale, preprocess, preprocess_fine
 from .qmodel import QEncoder
 
@@ -250,9 +251,11 @@ def evaluate_cross_instrument(
     a, b = instruments
     sets = [_held_out_frames(name, n_identities, frames_per_identity, dose, seed)
             for name in (a, b)]
-    latent, err, ids, side, frames, masks = [], [], [], [], [], []
+    latent, err, ids, side, frames, masks, q_in = [], [], [], [], [], [], []
     for k, (fr, ms, idk, *_, geometry) in enumerate(sets):
-        out = qencoder.encode(np.stack(fr), geometry.instrument(), ms[0])
+        x = qencoder.inputs(np.stack(fr), geometry.instrument(), ms[0])
+        out = qencoder.encode_inputs(x)
+        q_in.append(x.cpu().numpy() if hasattr(x, "cpu") else x)
         latent.append(out.identity_latent)
         err.append(out.recon_error)
         ids.append(idk)
@@ -275,14 +278,18 @@ def evaluate_cross_instrument(
         same_id = ids[ia][:, None] == ids[ib][None, :]
         return float(same_bin[same_id].mean()), float(same_bin[~same_id].mean())
 
-    def nearest_across(features: np.ndarray) -> float:
+    def nearest_across(features: np.ndarray | None, d2: np.ndarray | None = None) -> float:
         """Fraction of frames whose nearest frame on the other set-up is the same sample
-        (chance: 1 / n_identities); needs no binner calibration."""
+        (chance: 1 / n_identities); needs no binner calibration. ``d2``: (N, N) distances
+        in place of features."""
+        if d2 is None:
+            d2 = ((features[:, None] - features[None]) ** 2).sum(-1)
         hits = []
         for k in (0, 1):
             here, there = np.flatnonzero(side == k), np.flatnonzero(side != k)
-            d2 = ((features[here][:, None] - features[there][None]) ** 2).sum(-1)
-            hits.append(ids[there][d2.argmin(1)] == ids[here])
+            d = d2[np.ix_(here, there)]
+            # a frame that shares nothing comparable with any frame across finds none
+            hits.append((ids[there][d.argmin(1)] == ids[here]) & np.isfinite(d.min(1)))
         return float(np.concatenate(hits).mean())
 
     same, other = pairs(bins)
@@ -303,6 +310,9 @@ def evaluate_cross_instrument(
         "baseline_pairs_same_sample_in_one_bin": base_same,
         "baseline_pairs_other_samples_in_one_bin": base_other,
         "baseline_ari_vs_identity": adjusted_rand_index(ids, base),
+        # the q grid without a model: 4 x 4 blocks over what both frames see, level-free
+        "qgrid_baseline_nearest_across_same_sample": nearest_across(
+            None, qgrid_template_distances(np.concatenate(q_in))),
     }
 
 
@@ -446,12 +456,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a q-grid model on held-out set-ups (sim.instruments.HELD_OUT; "
                         "none named: all), with log block means + PCA + k-means alongside")
     parser.add_argument("--frames-per-identity", type=int, default=6)
+    parser.add_argument("--invariance", metavar="SET",
+                        help="a q-grid model on a binned q-grid set with each sample on several "
+                        "instruments (simulate --instruments-per-identity 2): latent distances "
+                        "within and across instruments, nearest-across retrieval, the q-grid "
+                        "template baseline alongside")
 
 
 def run(args: argparse.Namespace) -> int:
     encoder = load_encoder(args.model, args.device) if args.model else load_pretrained(args.device)
     result: dict = {"model": encoder.info()}
-    if args.instruments is not None:
+    if args.invariance:
+        from .invariance import evaluate_invariance
+
+        result["invariance"] = evaluate_invariance(encoder, args.invariance)
+    elif args.instruments is not None:
         names = tuple(args.instruments) or tuple(HELD_OUT)
         result["instruments"] = evaluate_instruments(
             encoder, instruments=names, n_identities=min(args.identities, 50),

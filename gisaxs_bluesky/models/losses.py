@@ -7,7 +7,8 @@ import numpy as np
 import torch
 from torch.nn import functional as F  # noqa: N812 - torch's own spelling
 
-from .dae import GisaxsDAE
+from .dae import GisaxsDAE, level_offset
+from .preprocess import drop_coverage
 from .train_config import TrainConfig
 from .training_data import LATTICE, TrainingData
 
@@ -40,13 +41,19 @@ def training_losses(model: GisaxsDAE, data: TrainingData, idx: torch.Tensor, cfg
             device: torch.device, flip: bool,
             rng: np.random.Generator | None = None) -> dict[str, torch.Tensor]:
     # channels-last: oneDNN's convolutions (forward and backward) run ~10 % faster on CPU
-    x = data.inputs[idx].to(device).float().contiguous(memory_format=torch.channels_last)
+    x = data.inputs[idx].to(device).float()
+    if cfg.coverage_dropout > 0 and data.description.get("input_mode") == "qgrid":
+        x = drop_coverage(x, cfg.coverage_dropout, rng or np.random.default_rng())
+    x = x.contiguous(memory_format=torch.channels_last)
     target = data.target[idx].to(device).float()
     if flip:  # GISAXS is left-right symmetric about the beam; mirrored frames are physical too
         x, target = x.flip(-1), target.flip(-1)
     out = {k: v.float() for k, v in model(x).items()}  # losses in fp32 under autocast too
     weight = (target > 0).float()
-    recon = ((out["recon"] - target) ** 2 * weight).sum() / weight.sum().clamp_min(1)
+    pattern = out["recon"]
+    if model.config.align_recon:  # shift-free: the pattern's shape, not its level
+        pattern = pattern + level_offset(pattern, target, weight)[:, None, None]
+    recon = ((pattern - target) ** 2 * weight).sum() / weight.sum().clamp_min(1)
     noise = F.binary_cross_entropy_with_logits(out["noise_logits"], data.noise[idx].to(device))
     structure_idx = data.structure[idx].to(device)
     structure = F.cross_entropy(out["structure_logits"], structure_idx)

@@ -24,6 +24,8 @@ __all__ = [
     "preprocess_with_scale",
     "block_edges",
     "frame_scale",
+    "coverage_masks",
+    "drop_coverage",
 ]
 
 #: channels of the model input, in order (see :func:`preprocess`)
@@ -273,3 +275,70 @@ def preprocess_q(frames: np.ndarray, geometry, mask: np.ndarray | None = None, g
     """(N, H, W) or (H, W) frames of one geometry -> (N, 8, n_q_z, n_q_par) q-grid input."""
     table = remap_table(geometry, grid, mask)
     return q_inputs(remap(table, frames), table)[0]
+
+
+def coverage_masks(good: np.ndarray, p: float, rng: np.random.Generator) -> np.ndarray:
+    """(N, n_q_z, n_q_par) bool: the q-grid bins each frame is to lose (all False for a frame
+    left whole, with probability 1 - ``p``), from ``good``, the bins each frame sees.
+
+    What another set-up would not see: a shorter reach in q_par and in q_z than this frame's
+    (a smaller detector, a longer distance), a rod beamstop over the low q_par, a module gap
+    as a band.
+    """
+    n, rows, cols = good.shape
+    r = np.arange(rows)[:, None]
+    c = np.arange(cols)[None, :]
+    out = np.zeros(good.shape, dtype=bool)
+    for i in np.flatnonzero(rng.random(n) < p):
+        seen_r, seen_c = np.flatnonzero(good[i].any(1)), np.flatnonzero(good[i].any(0))
+        if not seen_r.size:
+            continue
+        top, right = seen_r[0], seen_c[-1] + 1
+        drop = np.zeros((rows, cols), dtype=bool)
+        if rng.random() < 0.7:  # reach: q_par beyond a cut, q_z above one
+            drop |= c >= max(int(right * rng.uniform(0.3, 1.0)), 2)
+            drop |= r < top + int((rows - top) * rng.uniform(0.0, 0.6))
+        if rng.random() < 0.4:  # a rod beamstop from below over the smallest q_par
+            width, height = int(rng.integers(1, 9)), int(rows * rng.uniform(0.125, 1.0))
+            drop |= (c < width) & (r >= rows - height)
+        if rng.random() < 0.4:  # a module gap
+            width = int(rng.integers(1, 5))
+            if rng.random() < 0.5:
+                start = int(rng.integers(top, rows - width + 1))
+                drop |= (r >= start) & (r < start + width)
+            else:
+                start = int(rng.integers(0, max(right - width, 0) + 1))
+                drop |= (c >= start) & (c < start + width)
+        out[i] = drop
+    return out
+
+
+def drop_coverage(x, p: float, rng: np.random.Generator, min_kept: float = 0.1):
+    """(N, 8, n_q_z, n_q_par) q-grid inputs (torch) with part of the coverage of a fraction
+    ``p`` of the frames taken away (:func:`coverage_masks`), renormalised as :func:`q_inputs`
+    would have: the log intensity and the maximum over the median of the bins still valid.
+
+    A frame that would keep less than ``min_kept`` of its valid bins stays whole.
+    """
+    import torch
+
+    good = x[:, 1] > 0
+    drop = torch.as_tensor(coverage_masks(good.cpu().numpy(), p, rng), device=x.device)
+    kept = good & ~drop
+    n_good = good.flatten(1).sum(1)
+    change = drop.flatten(1).any(1) & (kept.flatten(1).sum(1) >= min_kept * n_good) & (n_good > 0)
+    if not bool(change.any()):
+        return x
+    x = x.clone()
+    sub = x[change]
+    keep = kept[change]
+    ratio = torch.expm1(sub[:, 0].float())  # mean / old scale
+    top = torch.expm1(sub[:, 3].float() + sub[:, 0].float())  # max / old scale
+    level = torch.where(keep, ratio, torch.nan).flatten(1).nanmedian(dim=1).values
+    level = torch.nan_to_num(level, nan=1.0).clamp_min(1e-6)[:, None, None]
+    log_i = torch.log1p(ratio / level)
+    sub[:, 0] = torch.where(keep, log_i, 0).to(sub.dtype)
+    sub[:, 3] = torch.where(keep, torch.log1p(top / level) - log_i, 0).to(sub.dtype)
+    sub = sub * (~drop[change])[:, None].to(sub.dtype)
+    x[change] = sub
+    return x

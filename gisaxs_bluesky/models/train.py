@@ -197,6 +197,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--denoiser-from", metavar="CHECKPOINT",
                         help="fine-tune only the denoiser of CHECKPOINT on --data (a set with "
                         "photon noise only, `simulate --p-kind 0`) and write --out")
+    parser.add_argument("--coverage-dropout", type=float, default=TrainConfig.coverage_dropout,
+                        help="q-grid sets: the fraction of frames that lose part of their q "
+                        "coverage in training (a smaller detector, a beamstop, a gap)")
+    parser.add_argument("--w-consistency", type=float, default=TrainConfig.w_consistency,
+                        help="weight of the loss that pulls one sample's identity latents "
+                        "together (over its noise and, with several instruments, geometry)")
+    parser.add_argument("--align-recon", action="store_true",
+                        help="the decoder's pattern is put on the frame's own level and "
+                        "trained shift-free (the identity latent need not carry the dose "
+                        "scale; recommended for q-grid sets)")
     parser.add_argument("--name", default="gisaxs-dae-small")
     parser.add_argument("--version", default=None)
 
@@ -208,9 +218,13 @@ def run(args: argparse.Namespace) -> int:
     else:
         cfg = TrainConfig(epochs=args.epochs, batch_identities=args.batch_identities,
                           lr=args.lr, seed=args.seed, noise_refit_epochs=args.noise_refit_epochs,
-                          precision=args.precision)
+                          precision=args.precision, coverage_dropout=args.coverage_dropout,
+                          w_consistency=args.w_consistency)
+        if not 0 <= cfg.coverage_dropout <= 1:
+            raise SystemExit(f"--coverage-dropout {cfg.coverage_dropout} must lie in [0, 1]")
+        model_config = ModelConfig(align_recon=True) if args.align_recon else None
         card = train(args.data, args.out, val_path=args.val, calibration_path=args.calibration,
-                     config=cfg, device=args.device,
+                     config=cfg, model_config=model_config, device=args.device,
                      resume=args.resume, name=args.name, version=args.version)
     if args.export:
         model, card, _ = load_checkpoint(args.out)

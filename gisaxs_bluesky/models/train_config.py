@@ -33,4 +33,8 @@ class TrainConfig:
     # "auto": float16 autocast on CUDA, bfloat16 autocast on CPUs that compute it natively
     # (AVX512-BF16 / AMX: ~25 % faster epochs), else float32; or "fp32", "bf16", "fp16"
     precision: str = "auto"
+    # q-grid training: this fraction of the frames loses part of its q coverage (a smaller
+    # detector, a larger beamstop, a gap), renormalised as q_inputs would; the consistency
+    # loss then pulls one sample's latents together whatever part of the grid is seen
+    coverage_dropout: float = 0.0
     num_threads: int | None = None

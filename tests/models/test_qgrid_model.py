@@ -99,7 +99,8 @@ def test_cross_instrument_report(q_model):
     assert row["chance"] == pytest.approx(1 / 3)
     for key in ("pairs_same_sample_in_one_bin", "pairs_other_samples_in_one_bin",
                 "baseline_pairs_same_sample_in_one_bin", "outlier_fraction_clean",
-                "nearest_across_same_sample", "baseline_nearest_across_same_sample"):
+                "nearest_across_same_sample", "baseline_nearest_across_same_sample",
+                "qgrid_baseline_nearest_across_same_sample"):
         assert 0.0 <= row[key] <= 1.0, key
     if row["bins"] == 1:  # one bin holds every pair
         assert row["pairs_same_sample_in_one_bin"] == row["pairs_other_samples_in_one_bin"] == 1
@@ -133,3 +134,24 @@ def test_geometry_outside_the_trained_ranges_is_named(q_model):
     reasons = geometry_outside_card(far, card)
     assert any("distance_mm=20000" in r for r in reasons)
     assert any("sees q up to" in r for r in reasons)
+
+
+def test_invariance_report_on_samples_measured_on_two_instruments(q_model, tmp_path):
+    from gisaxs_bluesky.models.invariance import evaluate_invariance
+
+    data = generate(tmp_path / "x.h5", DatasetSpec(
+        n_identities=3, frames_per_identity=4, seed=31, instruments="train", input_mode="qgrid",
+        instruments_per_identity=2), workers=1, progress=False)
+    encoder = load_qencoder(q_model[0], "cpu")
+    r = evaluate_invariance(encoder, data)
+    assert (r["frames"], r["samples"], r["instruments_per_identity"]) == (12, 3, 2)
+    for key in ("same_sample_same_instrument", "same_sample_across_instruments", "other_samples"):
+        assert np.isfinite(r[key]) and r[key] > 0
+    assert 0 <= r["nearest_across_same_sample"] <= 1 and r["frames_compared"] == 12
+    assert 0 <= r["baseline_nearest_across_same_sample"] <= 1
+    one = generate(tmp_path / "one.h5", DatasetSpec(n_identities=2, frames_per_identity=2,
+                                                    seed=32, instruments="train",
+                                                    input_mode="qgrid"),
+                   workers=1, progress=False)
+    with pytest.raises(ValueError, match="instruments-per-identity"):
+        evaluate_invariance(encoder, one)
