@@ -206,7 +206,6 @@ class NoiseModelFitter:
         self.encoder, self.detector, self.gain, self.gain_frames = (encoder, detector, gain,
                                                                      gain_frames)
         self._dets: dict[tuple, _Detector] = {}
-        self._n = 0
         self._pending: dict[tuple, list[SourceFrame]] = {}
         self._rows: dict[tuple, list[int]] = {}  # shape -> positions of its frames
         self._noise_kinds: tuple[str, ...] = (tuple(encoder.noise_kinds) if encoder is not None
@@ -216,7 +215,6 @@ class NoiseModelFitter:
     def add(self, item: SourceFrame) -> None:
         shape = tuple(np.shape(item.frame))
         self._rows.setdefault(shape, []).append(self.frames)
-        self._n += 1
         if shape in self._dets:
             self._dets[shape].add(item, self.encoder)
             self._bar.update(1)
@@ -235,7 +233,7 @@ class NoiseModelFitter:
 
     @property
     def frames(self) -> int:
-        return self._n
+        return sum(map(len, self._rows.values()))
 
     def set_noise(self, noise_prob: np.ndarray, noise_latent: np.ndarray,
                   noise_kinds: Sequence[str]) -> None:

@@ -18,6 +18,7 @@ from ..sim.simulate import nominal_mask, simulate
 from . import make_binner
 from .dataset import DatasetSpec, _detector_noise, identity_setup, iter_identity
 from .inference import Encoder, load_encoder, load_pretrained, to_detector_resolution
+from .invariance import nearest_across as nearest_across_frames
 from .invariance import qgrid_template_distances
 from .preprocess import frame_scale, preprocess, preprocess_fine
 from .qmodel import QEncoder
@@ -284,13 +285,8 @@ def evaluate_cross_instrument(
         in place of features."""
         if d2 is None:
             d2 = ((features[:, None] - features[None]) ** 2).sum(-1)
-        hits = []
-        for k in (0, 1):
-            here, there = np.flatnonzero(side == k), np.flatnonzero(side != k)
-            d = d2[np.ix_(here, there)]
-            # a frame that shares nothing comparable with any frame across finds none
-            hits.append((ids[there][d.argmin(1)] == ids[here]) & np.isfinite(d.min(1)))
-        return float(np.concatenate(hits).mean())
+        nearest, has = nearest_across_frames(d2, side)  # a frame that finds none: a miss
+        return float(((ids[nearest] == ids) & has).mean())
 
     same, other = pairs(bins)
     base_same, base_other = pairs(base)

@@ -18,7 +18,8 @@ import numpy as np
 
 from .inference import Encoder
 
-__all__ = ["evaluate_invariance", "latent_invariance", "qgrid_template_distances"]
+__all__ = ["evaluate_invariance", "latent_invariance", "nearest_across",
+           "qgrid_template_distances"]
 
 _INSTRUMENT_KEYS = ("detector_index", "sample_distance_mm", "wavelength_nm", "incidence_deg")
 
@@ -29,7 +30,8 @@ def latent_invariance(z: np.ndarray, identity: np.ndarray, instrument: np.ndarra
     z = np.asarray(z, dtype=np.float64)
     sq = (z**2).sum(1)
     d = np.sqrt(np.maximum(sq[:, None] + sq[None] - 2 * z @ z.T, 0))
-    return _figures(d, identity, instrument, structure, prefix="")
+    return {**_distances(d, identity, instrument),
+            **_retrieval(d, identity, instrument, structure)}
 
 
 def qgrid_template_distances(inputs: np.ndarray, block: int = 4, min_blocks: int = 20
@@ -57,35 +59,45 @@ def qgrid_template_distances(inputs: np.ndarray, block: int = 4, min_blocks: int
     return out
 
 
-def _figures(d: np.ndarray, identity, instrument, structure, prefix: str) -> dict:
-    identity, instrument, structure = map(np.asarray, (identity, instrument, structure))
+def nearest_across(d: np.ndarray, group: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(nearest, has): for each row of the (N, N) distances ``d``, the nearest column in
+    another ``group`` (instrument, set-up), and whether it has any finite distance there (a
+    frame that shares nothing comparable with any frame across finds none)."""
+    group = np.asarray(group)
+    other = np.where(group[:, None] != group[None], d, np.inf)
+    return other.argmin(1), np.isfinite(other).any(1)
+
+
+def _retrieval(d: np.ndarray, identity, instrument, structure, prefix: str = "") -> dict:
+    identity, structure = np.asarray(identity), np.asarray(structure)
+    nearest, has = nearest_across(d, instrument)
+    return {
+        prefix + "nearest_across_same_sample": float((identity[nearest] == identity)[has].mean()),
+        prefix + "nearest_across_same_structure": float(
+            (structure[nearest] == structure)[has].mean()),
+        prefix + "frames_compared": int(has.sum()),
+    }
+
+
+def _distances(d: np.ndarray, identity, instrument) -> dict:
+    identity, instrument = np.asarray(identity), np.asarray(instrument)
     same = identity[:, None] == identity[None]
     same_inst = instrument[:, None] == instrument[None]
     off = ~np.eye(len(d), dtype=bool)
-    out: dict = {}
-    if prefix == "":
-        within = d[same & same_inst & off]
-        across = d[same & ~same_inst]
-        between = d[~same & np.isfinite(d)]
-        if not within.size or not across.size:
-            raise ValueError("the set has no sample measured twice on one instrument and on two "
-                             "instruments: simulate it with --instruments-per-identity 2 and "
-                             "--frames-per-identity >= 4")
-        out.update({
-            "same_sample_same_instrument": float(within.mean()),
-            "same_sample_across_instruments": float(across.mean()),
-            "other_samples": float(between.mean()),
-            "across_over_same_instrument": float(across.mean() / within.mean()),
-            "other_over_across": float(between.mean() / across.mean()),
-        })
-    other = np.where(~same_inst, d, np.inf)
-    has = np.isfinite(other).any(1)
-    nearest = other.argmin(1)
-    out[prefix + "nearest_across_same_sample"] = float((identity[nearest] == identity)[has].mean())
-    out[prefix + "nearest_across_same_structure"] = float(
-        (structure[nearest] == structure)[has].mean())
-    out[prefix + "frames_compared"] = int(has.sum())
-    return out
+    within = d[same & same_inst & off]
+    across = d[same & ~same_inst]
+    between = d[~same & np.isfinite(d)]
+    if not within.size or not across.size:
+        raise ValueError("the set has no sample measured twice on one instrument and on two "
+                         "instruments: simulate it with --instruments-per-identity 2 and "
+                         "--frames-per-identity >= 4")
+    return {
+        "same_sample_same_instrument": float(within.mean()),
+        "same_sample_across_instruments": float(across.mean()),
+        "other_samples": float(between.mean()),
+        "across_over_same_instrument": float(across.mean() / within.mean()),
+        "other_over_across": float(between.mean() / across.mean()),
+    }
 
 
 def evaluate_invariance(encoder: Encoder, path: str | Path, batch: int = 64) -> dict:
@@ -106,10 +118,10 @@ def evaluate_invariance(encoder: Encoder, path: str | Path, batch: int = 64) -> 
     instrument = np.unique(keys, axis=0, return_inverse=True)[1].reshape(-1)
     z = np.concatenate([encoder.encode_preprocessed(inputs[s : s + batch])["latent"]
                         for s in range(0, len(inputs), batch)])[:, : encoder.identity_dim]
-    out = {"set": str(path), "frames": len(inputs), "samples": int(len(np.unique(identity))),
-           "instruments_per_identity": per_identity,
-           "chance": float(1 / len(np.unique(identity)))}
+    samples = len(np.unique(identity))
+    out = {"set": str(path), "frames": len(inputs), "samples": samples,
+           "instruments_per_identity": per_identity, "chance": 1 / samples}
     out.update(latent_invariance(z, identity, instrument, structure))
-    out.update(_figures(qgrid_template_distances(inputs), identity, instrument, structure,
-                        prefix="baseline_"))
+    out.update(_retrieval(qgrid_template_distances(inputs), identity, instrument, structure,
+                          prefix="baseline_"))
     return out
