@@ -35,6 +35,10 @@ from pathlib import Path
 import numpy as np
 
 from gisaxs_bluesky.sim.detector import PILATUS_SHAPE
+from gisaxs_bluesky.sim.geometry import Geometry
+
+#: the instrument of default_scene's frames (its Geometry()), for a q-grid model's remap
+SCENE_INSTRUMENT = Geometry().instrument()
 
 
 def cached_frames(cache: Path, n_distinct: int, seed: int) -> np.ndarray:
@@ -54,9 +58,21 @@ def cached_frames(cache: Path, n_distinct: int, seed: int) -> np.ndarray:
     return frames
 
 
-def make_encoder(device: str, untrained: bool):
+def make_encoder(device: str, untrained: bool, qgrid: str | None = None):
     from gisaxs_bluesky.models import CheckpointError, Encoder, GisaxsDAE, load_pretrained
 
+    if qgrid is not None:  # a q-grid model: each frame remapped with the run's geometry
+        from gisaxs_bluesky.geometry import QGrid
+        from gisaxs_bluesky.models.qmodel import QEncoder, load_qencoder
+
+        if qgrid:
+            return load_qencoder(qgrid, device)
+        import torch
+
+        torch.manual_seed(0)
+        card = {"name": "untrained-qgrid", "version": "0", "input": "qgrid",
+                "qgrid": QGrid().to_dict()}
+        return QEncoder(Encoder(GisaxsDAE(), card, device))
     if not untrained:
         try:
             return load_pretrained(device)
@@ -236,7 +252,7 @@ class WaitClock:
 
 
 def scan_once(client, workdir: Path, frames: np.ndarray, n: int, callback=None, lock=None,
-              exposure_s: float = 0.0, record: list | None = None):
+              exposure_s: float = 0.0, record: list | None = None, md: dict | None = None):
     """One list_scan of n points; returns (uid, scan wall s, results-ready s, s the RunEngine
     waited for the write lock)."""
     import bluesky.plans as bp
@@ -263,12 +279,20 @@ def scan_once(client, workdir: Path, frames: np.ndarray, n: int, callback=None, 
     if record is not None:
         RE.subscribe(lambda name, doc: record.append((name, doc)))
     t0 = time.perf_counter()
-    (uid,) = RE(bp.list_scan([det], sx, [float(i % k) for i in range(n)]))
+    (uid,) = RE(bp.list_scan([det], sx, [float(i % k) for i in range(n)], md=md or {}))
     scan_s = time.perf_counter() - t0
     if callback is not None:
         callback.wait()
     ready_s = time.perf_counter() - t0
     return uid, scan_s, ready_s, clock.waited
+
+
+def check_rows(table, n: int) -> None:
+    """Every frame has its row and was encoded (no frame refused, e.g. for want of geometry)."""
+    assert len(table) == n, f"expected {n} rows, found {len(table)}"
+    if "flag" in table:
+        refused = [f for f in table["flag"] if str(f).startswith("geometry")]
+        assert not refused, f"{len(refused)} frames not encoded: {refused[0]}"
 
 
 def main() -> None:
@@ -280,6 +304,10 @@ def main() -> None:
     parser.add_argument("--batch-timeout", type=float, default=None,
                         help="the callback's batch_timeout, s (default: the callback's)")
     parser.add_argument("--untrained", action="store_true", help="random weights")
+    parser.add_argument("--qgrid", nargs="?", const="", default=None, metavar="CHECKPOINT",
+                        help="a q-grid model (a checkpoint, or random weights of the shipped "
+                        "architecture with a q-grid card): every frame is remapped onto the "
+                        "q grid with the geometry the scan's start document carries")
     parser.add_argument("--repeats", type=int, default=2, help="scans per configuration")
     parser.add_argument("--exposure", type=float, default=0.0,
                         help="detector integration time per frame, s (0: no wait)")
@@ -301,25 +329,29 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
 
     from gisaxs_bluesky.callbacks import DAEBinningCallback
-    from gisaxs_bluesky.tiled_client import local_tiled_client
     from gisaxs_bluesky.models import make_binner
     from gisaxs_bluesky.pipeline import BinningPipeline
     from gisaxs_bluesky.store import DerivedStore
+    from gisaxs_bluesky.tiled_client import local_tiled_client
 
     frames = np.asarray(cached_frames(args.cache, args.distinct, seed=0))
-    encoder = make_encoder(args.device, args.untrained)
+    encoder = make_encoder(args.device, args.untrained, args.qgrid)
     print(f"model {encoder.info()} on {encoder.device}; {args.frames} frames/scan "
           f"of {PILATUS_SHAPE}, batch {args.batch_size}")
 
     # pipeline only (no Bluesky, no Tiled)
     pipe = BinningPipeline(encoder, make_binner(encoder), batch_size=args.batch_size)
-    pipe.process(frames[:2], [0, 1], [0.0, 0.0])  # warm up
+    # the simulated scene's instrument, as its start document says (a q-grid model uses it)
+    md = {"gisaxs_geometry": SCENE_INSTRUMENT.to_dict()} if args.qgrid is not None else None
+    per_frame = (lambda m: {"geometries": [SCENE_INSTRUMENT] * m}) if args.qgrid is not None \
+        else (lambda m: {})
+    pipe.process(frames[:2], [0, 1], [0.0, 0.0], **per_frame(2))  # warm up
     t = time.perf_counter()
     done = 0
     while done < args.frames:
         m = min(args.batch_size, args.frames - done)
         batch = frames[np.arange(done, done + m) % len(frames)]
-        pipe.process(batch, np.arange(done, done + m), np.zeros(m))
+        pipe.process(batch, np.arange(done, done + m), np.zeros(m), **per_frame(m))
         done += m
     pipe_s = time.perf_counter() - t
     print(f"pipeline only (encode + bin): {args.frames / pipe_s:6.1f} frames/s")
@@ -357,17 +389,16 @@ def main() -> None:
         for _ in range(args.repeats):
             docs: list = []
             _, s, _, _ = scan_once(client, workdir, frames, args.frames, lock=lock,
-                                   exposure_s=args.exposure, record=docs)
+                                   exposure_s=args.exposure, record=docs, md=md)
             base.append(s)
             cb = callback()
             uid, s, rd, wait_s = scan_once(client, workdir, frames, args.frames, cb, lock,
-                                           exposure_s=args.exposure)
+                                           exposure_s=args.exposure, md=md)
             withcb.append(s)
             ready.append(rd)
             waited.append(wait_s)
             key = DerivedStore.node_key(uid, encoder.info())
-            n_rows = len(client["gisaxs_derived"][key]["frames"].read())
-            assert n_rows == args.frames, f"expected {args.frames} rows, found {n_rows}"
+            check_rows(client["gisaxs_derived"][key]["frames"].read(), args.frames)
             cb.close()
             # capacity: the baseline scan's documents, replayed into a fresh callback at once
             cb = callback()
@@ -377,8 +408,7 @@ def main() -> None:
             cb.wait()
             capacity.append(time.perf_counter() - t)
             key = DerivedStore.node_key(docs[0][1]["uid"], encoder.info())
-            n_rows = len(client["gisaxs_derived"][key]["frames"].read())
-            assert n_rows == args.frames, f"expected {args.frames} rows, found {n_rows}"
+            check_rows(client["gisaxs_derived"][key]["frames"].read(), args.frames)
             cb.close()
         b, w, rd = float(np.median(base)), float(np.median(withcb)), float(np.median(ready))
         cap = float(np.median(capacity))

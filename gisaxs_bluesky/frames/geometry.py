@@ -12,8 +12,6 @@ pixel model does not need a geometry, a q-grid model refuses the frame with that
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -30,38 +28,13 @@ from ..geometry import (
     geometry_from_poni,
 )
 from ..geometry.mapping import check_mapping
+from ..geometry.user import user_geometry, user_geometry_text
 
 __all__ = ["FrameGeometry", "GeometryUnavailable", "add_geometry_arguments", "geometry_from_args",
            "geometry_summary", "stream_descriptor", "user_geometry"]
 
 #: resolvers kept per (run, descriptor): a callback sees one run at a time, replay one per run
 _CACHE_SIZE = 8
-
-
-def user_geometry(value: Any) -> InstrumentGeometry | dict | None:
-    """What a user gives as ``geometry=`` (or ``--geometry`` / ``--poni``): a record, a
-    mapping of ``gisaxs_geometry`` keys, a pyFAI PONI path (``.poni``) or a JSON file of such
-    a mapping. Returns a record or a mapping for :class:`GeometryResolver`."""
-    if value is None or isinstance(value, InstrumentGeometry):
-        return value
-    if isinstance(value, Mapping):
-        return dict(value)
-    if isinstance(value, str | os.PathLike):
-        path = Path(value)
-        if path.suffix.lower() == ".json":
-            try:
-                loaded = json.loads(path.read_text())
-            except (OSError, ValueError) as exc:
-                raise GeometryError(f"geometry file {path}: {exc}") from None
-            if not isinstance(loaded, Mapping):
-                raise GeometryError(f"geometry file {path}: holds {type(loaded).__name__}, "
-                                    "expected a mapping of gisaxs_geometry keys")
-            return dict(loaded)
-        if not path.is_file():
-            raise GeometryError(f"geometry {str(value)!r}: no such PONI file")
-        return {"poni": str(path)}
-    raise GeometryError(f"geometry={value!r}: expected an InstrumentGeometry, a mapping of "
-                        f"{START_KEY} keys, or the path of a PONI / JSON file")
 
 
 class FrameGeometry:
@@ -172,21 +145,10 @@ def add_geometry_arguments(parser: argparse.ArgumentParser) -> None:
                         "recorded as 'fallback'; never a silent default)")
 
 
-def _json_or_path(text: str | None, flag: str) -> Any:
-    if text is None:
-        return None
-    if text.lstrip().startswith("{"):
-        try:
-            return json.loads(text)
-        except ValueError as exc:
-            raise GeometryError(f"{flag}: not valid JSON ({exc})") from None
-    return user_geometry(text)
-
-
 def geometry_from_args(args: argparse.Namespace) -> tuple[Any, Any]:
     """(explicit, fallback) for :class:`FrameGeometry` from the parsed flags (GeometryError
     names the flag)."""
-    explicit = _json_or_path(getattr(args, "geometry", None), "--geometry")
+    explicit = user_geometry_text(getattr(args, "geometry", None), "--geometry")
     poni = getattr(args, "poni", None)
     if poni is not None:
         if isinstance(explicit, InstrumentGeometry):
@@ -194,6 +156,6 @@ def geometry_from_args(args: argparse.Namespace) -> tuple[Any, Any]:
         if not Path(poni).is_file():
             raise GeometryError(f"--poni {poni!r}: no such file")
         explicit = {**(explicit or {}), "poni": str(poni)}
-    fallback = _json_or_path(getattr(args, "geometry_fallback", None), "--geometry-fallback")
+    fallback = user_geometry_text(getattr(args, "geometry_fallback", None), "--geometry-fallback")
     FrameGeometry(explicit, fallback=fallback)  # refuse a bad value here, not per frame
     return explicit, fallback

@@ -5,11 +5,19 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 
 from ..binning import OnlineBinner
+from ..geometry import (
+    GeometryError,
+    InstrumentGeometry,
+    geometry_for_frame,
+    user_geometry,
+    user_geometry_text,
+)
 from ..sim.geometry import Geometry
 from ..sim.instruments import HELD_OUT
 from ..sim.noise import NOISE_KINDS, NoiseSpec
@@ -21,7 +29,7 @@ from .inference import Encoder, load_encoder, load_pretrained, to_detector_resol
 from .invariance import nearest_across as nearest_across_frames
 from .invariance import qgrid_template_distances
 from .preprocess import frame_scale, preprocess, preprocess_fine
-from .qmodel import QEncoder
+from .qmodel import QEncoder, is_qgrid_card, plain_encoder
 
 __all__ = [
     "adjusted_rand_index",
@@ -399,46 +407,86 @@ def _read_frame(path: Path) -> np.ndarray:
 
 
 def evaluate_real(encoder: Encoder, paths: list[Path], reference_errors: np.ndarray | None = None,
-                  masks: list[Path] = ()) -> list[dict]:
-    """What the model sees on measured frames: noise kinds, identity guess, recon-error rank.
+                  masks: list[Path] = (), geometry=None) -> list[dict]:
+    """What the model sees on measured frames: noise kinds, identity guess, recon-error rank,
+    outlier score (the card's calibrated binner, as a scan's first frame would get it).
 
-    ``masks`` are detector masks (non-zero = not data), applied to frames of their shape.
+    ``masks`` are detector masks (non-zero = not data), applied to frames of their shape. A
+    q-grid model (card ``"input": "qgrid"``) needs ``geometry`` (a record, a mapping of
+    ``gisaxs_geometry`` keys or a PONI path; the frame's shape fills ``detector_shape``) and
+    remaps each frame with it; without one each frame's report says so. The pixel model
+    ignores it.
     """
+    qgrid = is_qgrid_card(encoder.card)
+    qencoder = (encoder if isinstance(encoder, QEncoder) else QEncoder(encoder)) if qgrid else None
+    encoder = plain_encoder(encoder)
+    explicit = user_geometry(geometry) if qgrid else None
     reports = []
     mask_by_shape = {}
     for path in masks:
         mask = read_frame(path) != 0
         mask_by_shape[mask.shape] = (mask, Path(path).name)
     if reference_errors is None:
-        spec = DatasetSpec(n_identities=20, frames_per_identity=2, seed=20_000)
-        ref = _simulate_frames(spec)
-        reference_errors = encoder.encode_preprocessed(ref["inputs"].astype(np.float32))["recon_error"]
+        spec = (DatasetSpec(n_identities=20, frames_per_identity=2, seed=20_000,
+                            instruments="train", input_mode="qgrid") if qgrid
+                else DatasetSpec(n_identities=20, frames_per_identity=2, seed=20_000))
+        ref = _simulate_frames(spec)["inputs"].astype(np.float32)
+        reference_errors = (qencoder.encode_inputs(ref).recon_error if qgrid
+                            else encoder.encode_preprocessed(ref)["recon_error"])
     for path in paths:
+        report: dict = {}
         try:
             frame = read_frame(path)
             if frame.ndim != 2:
                 raise ValueError(f"{path} holds shape {frame.shape}, not a 2-D frame")
             mask, mask_name = mask_by_shape.get(frame.shape, (None, None))
-            r = encoder.encode(frame, mask)
-        except ValueError as exc:
+            if qgrid:
+                record = _real_frame_geometry(explicit, frame.shape)
+                report["geometry"] = record.to_dict()
+                report["geometry_outside_card"] = qencoder.outside_card(record)
+                r = qencoder.encode(frame, record, mask)
+            else:
+                r = encoder.encode(frame, mask)
+        except (ValueError, GeometryError) as exc:
             reports.append({"file": str(path), "error": str(exc)})
             continue
         err = float(r.recon_error[0])
+        assigned = make_binner(encoder).assign(r.identity_latent, r.recon_error)
         reports.append({
             "file": Path(path).name,
             "shape": list(frame.shape),
             "dtype": str(frame.dtype),
+            "model_input": "qgrid" if qgrid else "pixels",
             "flagged_pixels": int((frame < 0).sum()),
             "mask": mask_name,
+            **report,
             "noise_kinds_detected": r.noise_detected()[0],
             "noise_prob": {k: round(float(p), 3) for k, p in zip(r.noise_kinds, r.noise_prob[0], strict=True)},
             "structure": str(r.structure[0]),
+            "structure_prob": {k: round(float(p), 3)
+                               for k, p in zip(r.structures, r.structure_prob[0], strict=True)},
             "radius_nm": round(float(r.radius_nm[0]), 2),
             "distance_nm": round(float(r.distance_nm[0]), 2),
             "recon_error": round(err, 4),
             "recon_error_percentile_vs_sim": round(float((reference_errors < err).mean() * 100), 1),
+            "outlier_score": round(float(assigned.outlier_score[0]), 3),
+            "is_outlier": bool(assigned.is_outlier[0]),
         })
     return reports
+
+
+def _real_frame_geometry(explicit, shape: tuple[int, ...]) -> InstrumentGeometry:
+    """The geometry a q-grid model remaps a measured frame with: the user's, the frame's own
+    shape where the user named no detector (GeometryError names what is missing)."""
+    if explicit is None:
+        raise GeometryError("a q-grid model needs the frame's geometry: give --geometry "
+                            "(gisaxs_geometry keys as JSON or a JSON file) or --poni FILE")
+    descriptor = {"data_keys": {"frame": {"dtype": "array", "shape": list(shape)}}}
+    record = geometry_for_frame({}, descriptor, {}, explicit)
+    if tuple(record.shape) != tuple(shape):
+        raise GeometryError(f"the geometry's detector is {tuple(record.shape)} pixels, "
+                            f"the frame {tuple(shape)}")
+    return record
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -457,6 +505,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "instruments (simulate --instruments-per-identity 2): latent distances "
                         "within and across instruments, nearest-across retrieval, the q-grid "
                         "template baseline alongside")
+    parser.add_argument("--geometry", metavar="JSON|FILE",
+                        help="--real with a q-grid model: the frames' geometry as "
+                        "gisaxs_geometry keys (JSON text or file) or a PONI file")
+    parser.add_argument("--poni", metavar="FILE",
+                        help="--real with a q-grid model: a pyFAI PONI calibration")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -486,7 +539,16 @@ def run(args: argparse.Namespace) -> int:
         # files named *mask* are detector masks, not frames
         masks = [p for p in paths if "mask" in p.name.lower()]
         frames = [p for p in paths if p not in masks]
-        result["real"] = evaluate_real(encoder, frames, masks=masks)
+        try:
+            geometry = user_geometry_text(args.geometry, "--geometry")
+            if args.poni:
+                if not Path(args.poni).is_file():
+                    raise GeometryError(f"--poni {args.poni!r}: no such file")
+                geometry = {**(geometry or {}), "poni": str(args.poni)}
+        except GeometryError as exc:
+            print(f"evaluate: {exc}", file=sys.stderr)
+            return 2
+        result["real"] = evaluate_real(encoder, frames, masks=masks, geometry=geometry)
     else:
         result["simulated"] = evaluate_simulated(encoder, n_identities=args.identities, seed=args.seed)
     print(json.dumps(result, indent=2))

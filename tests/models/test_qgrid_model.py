@@ -155,3 +155,45 @@ def test_invariance_report_on_samples_measured_on_two_instruments(q_model, tmp_p
                    workers=1, progress=False)
     with pytest.raises(ValueError, match="instruments-per-identity"):
         evaluate_invariance(encoder, one)
+
+
+def test_real_frame_report_remaps_with_the_geometry_given(q_model, tmp_path):
+    """`evaluate --real` with a q-grid model: the frame is remapped with the user's geometry
+    (the frame's own shape filling ``detector_shape``); without one, or with a detector of
+    another shape, the frame's report says what is wrong and the others still come."""
+    from gisaxs_bluesky.models.evaluate import evaluate_real
+
+    encoder = load_qencoder(q_model[0], "cpu")
+    p03 = HELD_OUT["p03_pilatus1m_2.4m"]
+    frame = simulate(at_wavelength(Sample(), p03.wavelength_nm), p03,
+                     NoiseSpec(3.0, {"poisson": 1.0}), seed=1, compute_binning=6).counts
+    path = tmp_path / "p03.npy"
+    np.save(path, frame)
+    record = p03.instrument()
+    ref = np.linspace(0.0, 1.0, 11)
+
+    (report,) = evaluate_real(encoder, [path], reference_errors=ref, geometry=record)
+    direct = encoder.encode(frame, record)
+    assert report["model_input"] == "qgrid" and report["geometry_outside_card"] == []
+    assert report["geometry"] == record.to_dict()
+    assert report["structure"] == str(direct.structure[0])
+    assert report["radius_nm"] == round(float(direct.radius_nm[0]), 2)
+    assert report["recon_error"] == round(float(direct.recon_error[0]), 4)
+    assert np.isfinite(report["outlier_score"]) and report["outlier_score"] >= 0
+    assert sum(report["structure_prob"].values()) == pytest.approx(1.0, abs=0.01)
+
+    # keys as a beamline writes them, no detector named: the frame gives the shape
+    keys = {"pixel_size_mm": list(record.pixel_size_mm), "distance_mm": record.distance_mm,
+            "wavelength_nm": record.wavelength_nm,
+            "beam_center_px": list(record.beam_center_px), "incidence_deg": record.incidence_deg}
+    (from_keys,) = evaluate_real(encoder, [path], reference_errors=ref, geometry=keys)
+    assert from_keys["geometry"]["detector_shape"] == list(frame.shape)
+    assert np.isfinite(from_keys["radius_nm"])
+
+    ccd = tmp_path / "ccd.npy"
+    np.save(ccd, np.ones((1024, 1024), np.int32))
+    (none,) = evaluate_real(encoder, [path], reference_errors=ref)
+    wrong, ok = evaluate_real(encoder, [ccd, path], reference_errors=ref,
+                              geometry={**keys, "detector": "Pilatus 1M"})
+    assert "--geometry" in none["error"] and "q-grid model" in none["error"]
+    assert "1024" in wrong["error"] and "error" not in ok
