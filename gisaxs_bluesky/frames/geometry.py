@@ -15,7 +15,6 @@ import argparse
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 from ..geometry import (
@@ -28,7 +27,7 @@ from ..geometry import (
     geometry_from_poni,
 )
 from ..geometry.mapping import check_mapping
-from ..geometry.user import user_geometry, user_geometry_text
+from ..geometry.user import user_geometry, user_geometry_flags, user_geometry_text
 
 __all__ = ["FrameGeometry", "GeometryUnavailable", "add_geometry_arguments", "geometry_from_args",
            "geometry_summary", "stream_descriptor", "user_geometry"]
@@ -148,14 +147,7 @@ def add_geometry_arguments(parser: argparse.ArgumentParser) -> None:
 def geometry_from_args(args: argparse.Namespace) -> tuple[Any, Any]:
     """(explicit, fallback) for :class:`FrameGeometry` from the parsed flags (GeometryError
     names the flag)."""
-    explicit = user_geometry_text(getattr(args, "geometry", None), "--geometry")
-    poni = getattr(args, "poni", None)
-    if poni is not None:
-        if isinstance(explicit, InstrumentGeometry):
-            raise GeometryError("--poni with a complete --geometry record: give one of them")
-        if not Path(poni).is_file():
-            raise GeometryError(f"--poni {poni!r}: no such file")
-        explicit = {**(explicit or {}), "poni": str(poni)}
+    explicit = user_geometry_flags(getattr(args, "geometry", None), getattr(args, "poni", None))
     fallback = user_geometry_text(getattr(args, "geometry_fallback", None), "--geometry-fallback")
     FrameGeometry(explicit, fallback=fallback)  # refuse a bad value here, not per frame
     return explicit, fallback

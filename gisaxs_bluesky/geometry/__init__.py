@@ -13,7 +13,7 @@ from .qgrid import QGrid
 from .reciprocal import RemapTable, pixel_q, remap_table
 from .record import InstrumentGeometry, geometry_from_mapping, geometry_from_poni
 from .sources import GeometryResolver, GeometryUnavailable, ResolvedGeometry, geometry_for_frame
-from .user import user_geometry, user_geometry_text
+from .user import user_geometry, user_geometry_flags, user_geometry_text
 
 __all__ = [
     "DETECTORS",
@@ -37,5 +37,6 @@ __all__ = [
     "remap_table",
     "remap_torch",
     "user_geometry",
+    "user_geometry_flags",
     "user_geometry_text",
 ]

@@ -17,7 +17,7 @@ from .detectors import GeometryError
 from .mapping import START_KEY
 from .record import InstrumentGeometry
 
-__all__ = ["user_geometry", "user_geometry_text"]
+__all__ = ["user_geometry", "user_geometry_flags", "user_geometry_text"]
 
 
 def user_geometry(value: Any) -> InstrumentGeometry | dict | None:
@@ -57,3 +57,16 @@ def user_geometry_text(text: str | None, flag: str) -> Any:
         except ValueError as exc:
             raise GeometryError(f"{flag}: not valid JSON ({exc})") from None
     return user_geometry(text)
+
+
+def user_geometry_flags(geometry: str | None, poni: str | None) -> Any:
+    """The explicit geometry of ``--geometry JSON|FILE`` and ``--poni FILE`` together: the
+    PONI file joins the keys (GeometryError names the flag that is wrong)."""
+    explicit = user_geometry_text(geometry, "--geometry")
+    if poni is not None:
+        if isinstance(explicit, InstrumentGeometry):
+            raise GeometryError("--poni with a complete --geometry record: give one of them")
+        if not Path(poni).is_file():
+            raise GeometryError(f"--poni {poni!r}: no such file")
+        explicit = {**(explicit or {}), "poni": str(poni)}
+    return explicit

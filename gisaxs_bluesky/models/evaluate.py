@@ -16,7 +16,7 @@ from ..geometry import (
     InstrumentGeometry,
     geometry_for_frame,
     user_geometry,
-    user_geometry_text,
+    user_geometry_flags,
 )
 from ..sim.geometry import Geometry
 from ..sim.instruments import HELD_OUT
@@ -540,11 +540,7 @@ def run(args: argparse.Namespace) -> int:
         masks = [p for p in paths if "mask" in p.name.lower()]
         frames = [p for p in paths if p not in masks]
         try:
-            geometry = user_geometry_text(args.geometry, "--geometry")
-            if args.poni:
-                if not Path(args.poni).is_file():
-                    raise GeometryError(f"--poni {args.poni!r}: no such file")
-                geometry = {**(geometry or {}), "poni": str(args.poni)}
+            geometry = user_geometry_flags(args.geometry, args.poni)
         except GeometryError as exc:
             print(f"evaluate: {exc}", file=sys.stderr)
             return 2
