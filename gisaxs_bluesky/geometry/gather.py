@@ -40,39 +40,38 @@ class RemapStats:
 
 
 @numba.njit(cache=True, nogil=True)
-def _gather(frames, indptr, indices, coef, weight, f0, f1, b0, b1, out):  # pragma: no cover
-    """Statistics of bins [b0, b1) of frames [f0, f1) (one thread's share; GIL released)."""
+def _gather(frame, indptr, indices, coef, weight, f, b0, b1, out):  # pragma: no cover
+    """Statistics of bins [b0, b1) of one flat frame into ``out[:, f]`` (GIL released)."""
     for b in range(b0, b1):
         j0, j1 = indptr[b], indptr[b + 1]
         if j0 == j1:
             continue
-        for f in range(f0, f1):
-            total = 0.0
-            n_valid = 0.0
-            n_flag = 0.0
-            n_zero = 0.0
-            n_neg = 0.0
-            vmax = 0.0
-            for j in range(j0, j1):
-                x = float(frames[f, indices[j]])
-                if x != x or x == np.inf or x == -np.inf or x == -1.0 or x == -2.0:
-                    n_flag += weight[j]
-                    continue
-                n_valid += weight[j]
-                if x > 0:
-                    total += coef[j] * x
-                    if x > vmax:
-                        vmax = x
-                elif x == 0:
-                    n_zero += weight[j]
-                else:
-                    n_neg += weight[j]
-            out[0, f, b] = total / n_valid if n_valid > 0 else 0.0
-            out[1, f, b] = n_valid
-            out[2, f, b] = n_flag
-            out[3, f, b] = n_zero
-            out[4, f, b] = n_neg
-            out[5, f, b] = vmax
+        total = 0.0
+        n_valid = 0.0
+        n_flag = 0.0
+        n_zero = 0.0
+        n_neg = 0.0
+        vmax = 0.0
+        for j in range(j0, j1):
+            x = float(frame[indices[j]])
+            if x != x or x == np.inf or x == -np.inf or x == -1.0 or x == -2.0:
+                n_flag += weight[j]
+                continue
+            n_valid += weight[j]
+            if x > 0:
+                total += coef[j] * x
+                if x > vmax:
+                    vmax = x
+            elif x == 0:
+                n_zero += weight[j]
+            else:
+                n_neg += weight[j]
+        out[0, f, b] = total / n_valid if n_valid > 0 else 0.0
+        out[1, f, b] = n_valid
+        out[2, f, b] = n_flag
+        out[3, f, b] = n_zero
+        out[4, f, b] = n_neg
+        out[5, f, b] = vmax
 
 
 _POOL: ThreadPoolExecutor | None = None
@@ -91,8 +90,8 @@ def _ensure_compiled(dtype: np.dtype) -> None:
     with _POOL_LOCK:
         if dtype.str not in _COMPILED:
             one = np.zeros(1, dtype=np.float32)
-            _gather(np.zeros((1, 1), dtype=dtype), np.array([0, 1], dtype=np.int64),
-                    np.zeros(1, dtype=np.int64), one, one, 0, 1, 0, 1,
+            _gather(np.zeros(1, dtype=dtype), np.array([0, 1], dtype=np.int64),
+                    np.zeros(1, dtype=np.int64), one, one, 0, 0, 1,
                     np.zeros((6, 1, 1), dtype=np.float32))
             _COMPILED.add(dtype.str)
 
@@ -108,42 +107,67 @@ def _pool() -> ThreadPoolExecutor:
         return _POOL
 
 
-def _as_batch(frames: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    frames = np.asarray(frames)
-    if frames.ndim == 2:
-        frames = frames[None]
-    if frames.ndim != 3 or frames.shape[1:] != shape:
-        raise GeometryError(
-            f"frames of shape {frames.shape} do not match detector_shape {shape}"
-        )
-    if not frames.dtype.isnative or frames.dtype.kind not in "iuf" or frames.dtype == np.float16:
-        frames = frames.astype(np.float32)
-    return np.ascontiguousarray(frames.reshape(frames.shape[0], -1))
+def _flat_frames(frames, shape: tuple[int, int]) -> list[np.ndarray]:
+    """Each frame as a flat, native, numeric array (a view where it already is one): an
+    (N, H, W) array, one (H, W) frame, or a sequence of (H, W) frames (never stacked)."""
+    if not isinstance(frames, list | tuple):
+        frames = np.asarray(frames)
+        if frames.ndim == 2:
+            frames = frames[None]
+        if frames.ndim != 3:
+            raise GeometryError(
+                f"frames of shape {frames.shape} do not match detector_shape {shape}")
+    if len(frames) == 0:
+        raise GeometryError("no frames to remap")
+    out = []
+    for frame in frames:
+        frame = np.asarray(frame)
+        if frame.shape != shape:
+            raise GeometryError(
+                f"frame of shape {frame.shape} does not match detector_shape {shape}")
+        if not frame.dtype.isnative or frame.dtype.kind not in "iuf" or frame.dtype == np.float16:
+            frame = frame.astype(np.float32)
+        out.append(np.ascontiguousarray(frame).reshape(-1))
+    return out
 
 
-def remap(table: RemapTable, frames: np.ndarray, *, threads: int | None = None) -> RemapStats:
-    """(N, H, W) or (H, W) frames -> per-bin statistics on the table's grid (numba, CPU).
+def _gather_frames(flats, table: RemapTable, frames: range, b0: int, b1: int,
+                   out: np.ndarray) -> None:
+    for f in frames:
+        _gather(flats[f], table.indptr, table.indices, table.coef, table.weight, f, b0, b1, out)
 
-    The bins are shared among ``threads`` threads (default: one per core, 2 to 8).
+
+def remap(table: RemapTable, frames, *, threads: int | None = None) -> RemapStats:
+    """(N, H, W) or (H, W) frames, or a sequence of (H, W) frames -> per-bin statistics on the
+    table's grid (numba, CPU).
+
+    With at least as many frames as ``threads`` (default: one per core, 2 to 8) each thread
+    takes whole frames, one after the other (a frame's pixels stay in cache); with fewer, the
+    bins of each frame are shared among them.
     """
-    flat = _as_batch(frames, table.geometry.shape)
-    n = flat.shape[0]
-    _ensure_compiled(flat.dtype)
+    flats = _flat_frames(frames, table.geometry.shape)
+    n = len(flats)
+    for dtype in {f.dtype for f in flats}:
+        _ensure_compiled(dtype)
     out = np.zeros((6, n, table.n_bins), dtype=np.float32)
-    args = (flat, table.indptr, table.indices, table.coef, table.weight)
     pool = _pool() if threads is None or threads > 1 else None
     workers = 1 if pool is None else (threads or pool._max_workers)
     if workers == 1:
-        _gather(*args, 0, n, 0, table.n_bins, out)
+        _gather_frames(flats, table, range(n), 0, table.n_bins, out)
+    elif n >= workers:
+        jobs = [pool.submit(_gather_frames, flats, table, range(k, n, workers), 0,
+                            table.n_bins, out) for k in range(workers)]
+        for job in jobs:
+            job.result()
     else:
         # equal shares of table entries (not of bins: most pixels sit in a few rows of bins)
         cuts = np.searchsorted(table.indptr, np.linspace(0, table.indptr[-1], workers + 1))
         cuts[0], cuts[-1] = 0, table.n_bins
-        jobs = [pool.submit(_gather, *args, 0, n, int(a), int(b), out)
+        jobs = [pool.submit(_gather_frames, flats, table, range(n), int(a), int(b), out)
                 for a, b in zip(cuts[:-1], cuts[1:], strict=True) if b > a]
         for job in jobs:
             job.result()
-    out = out.reshape(6, flat.shape[0], *table.grid.shape)
+    out = out.reshape(6, n, *table.grid.shape)
     return RemapStats(*out)
 
 

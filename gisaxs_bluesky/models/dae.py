@@ -139,9 +139,12 @@ class GisaxsDAE(nn.Module):
         """What the noise branch sees: pooled input and early features, and the 8 x 8 map."""
         # max / min / mean pooling keeps single-pixel artefacts and dark shadows; the 8 x 8 map
         # keeps where they are (a beamstop shadow off its place, a streak through the beam)
+        # (global max pooling, not amax over (2, 3): 3x faster on channels-last CPU tensors)
         pooled = []
         for f in (x, f1, f2, f3):
-            pooled += [f.amax(dim=(2, 3)), f.amin(dim=(2, 3)), f.mean(dim=(2, 3))]
+            pooled += [nn.functional.adaptive_max_pool2d(f, 1).flatten(1),
+                       -nn.functional.adaptive_max_pool2d(-f, 1).flatten(1),
+                       f.mean(dim=(2, 3))]
         # frame totals on a log scale: a few dozen dead pixels or track pixels in a million
         # are a mean of 1e-4 per block, too small to see, but a clear log-count
         pooled.append(torch.log1p(x.clamp_min(0).sum(dim=(2, 3))))

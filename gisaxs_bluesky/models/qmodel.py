@@ -26,7 +26,7 @@ from ..geometry import (
     remap_table,
     remap_torch,
 )
-from .inference import EncodeResult, Encoder, load_encoder, recon_error
+from .inference import Encoder, EncodeResult, load_encoder, recon_error
 from .preprocess import q_inputs
 
 __all__ = ["QEncoder", "QPrepared", "frame_geometry", "geometry_outside_card",
@@ -154,8 +154,8 @@ class QEncoder:
         parts, order = [], []
         for geometry, members in groups.values():
             try:
-                parts.append(self.inputs(np.stack([frames[i] for i in members]), geometry,
-                                         mask))
+                # a list, not a stacked copy: the gather reads each frame where it lies
+                parts.append(self.inputs([frames[i] for i in members], geometry, mask))
             except (GeometryError, ValueError) as exc:
                 refused.update({i: f"geometry: {exc}" for i in members})
                 continue
@@ -187,10 +187,13 @@ class QEncoder:
         return self.encoder.device
 
     def inputs(self, frames, geometry: InstrumentGeometry, mask: np.ndarray | None = None):
-        """(N, 8, n_q_z, n_q_par) model input: numpy on CPU, a tensor on a GPU."""
+        """(N, 8, n_q_z, n_q_par) model input of (N, H, W) frames or a list of (H, W) frames:
+        numpy on CPU, a tensor on a GPU."""
         table = remap_table(geometry, self.grid, mask)
         if self.device.type == "cuda":
-            t = torch.as_tensor(np.asarray(frames)).to(self.device, non_blocking=True)
+            t = (torch.stack([torch.as_tensor(np.asarray(f)) for f in frames])
+                 if isinstance(frames, list | tuple) else torch.as_tensor(np.asarray(frames)))
+            t = t.to(self.device, non_blocking=True)
             return q_inputs(remap_torch(table, t), table)[0]
         return q_inputs(remap(table, frames), table)[0]
 
