@@ -57,11 +57,13 @@ UNSEEN = ("E spheres R8 dilute, not in the adaptation set",
 BINNING = 3  # BornAgain angular grid: one bin per 3 x 3 detector pixels, then interpolated
 
 
-def bornagain_pattern(structure: str, radius: float, distance: float | None) -> np.ndarray:
-    """Noise-free intensity on the proxy Pilatus 1M (arbitrary units), from BornAgain."""
+def bornagain_pattern(structure: str, radius: float, distance: float | None,
+                      geometry: Geometry = PROXY) -> np.ndarray:
+    """Noise-free intensity on ``geometry``'s detector (default: the proxy Pilatus 1M;
+    arbitrary units), from BornAgain."""
     import bornagain as ba
 
-    sample = at_wavelength(Sample(structure, radius_nm=radius), PROXY.wavelength_nm)
+    sample = at_wavelength(Sample(structure, radius_nm=radius), geometry.wavelength_nm)
     grey = (0.5, 0.5, 0.5)
     substrate = ba.RefractiveMaterial("Si", grey, sample.delta_substrate, sample.beta_substrate)
     mat = ba.RefractiveMaterial("Ag", grey, sample.delta_particle, sample.beta_particle)
@@ -85,22 +87,22 @@ def bornagain_pattern(structure: str, radius: float, distance: float | None) -> 
     multilayer = ba.Sample()
     multilayer.addLayer(top)
     multilayer.addLayer(ba.Layer(substrate))
-    rows_n, cols_n = PROXY.shape
+    rows_n, cols_n = geometry.shape
     rows = np.arange(BINNING / 2 - 0.5, rows_n, BINNING)
     cols = np.arange(BINNING / 2 - 0.5, cols_n, BINNING)
-    tth, _ = PROXY.angles(np.zeros(1), cols)
-    _, af = PROXY.angles(rows, np.full(1, PROXY.beam_center_px[1]))
+    tth, _ = geometry.angles(np.zeros(1), cols)
+    _, af = geometry.angles(rows, np.full(1, geometry.beam_center_px[1]))
     tth, af = np.ravel(tth), np.ravel(af)[::-1]  # BornAgain: alpha ascending
     step_t, step_a = tth[1] - tth[0], af[1] - af[0]
     detector = ba.SphericalDetector(len(tth), tth[0] - step_t / 2, tth[-1] + step_t / 2,
                                     len(af), af[0] - step_a / 2, af[-1] + step_a / 2)
-    beam = ba.Beam(1.0, PROXY.wavelength_nm, np.deg2rad(PROXY.incidence_deg))
+    beam = ba.Beam(1.0, geometry.wavelength_nm, np.deg2rad(geometry.incidence_deg))
     coarse = np.asarray(ba.ScatteringSimulation(beam, multilayer, detector).simulate()
                         .intensities(), dtype=np.float64)  # (alpha ascending, two theta)
     coarse = np.maximum(coarse[::-1], 0.0)  # rows top to bottom, as the detector
     # bilinear interpolation of log intensity onto every pixel's angles
-    prow, pcol = PROXY.pixel_grid
-    t_pix, a_pix = PROXY.angles(prow, pcol)
+    prow, pcol = geometry.pixel_grid
+    t_pix, a_pix = geometry.angles(prow, pcol)
     fr = np.clip((af[::-1][0] - a_pix) / step_a, 0, len(af) - 1.000001)
     fc = np.clip((t_pix - tth[0]) / step_t, 0, len(tth) - 1.000001)
     r0, c0 = np.floor(fr).astype(int), np.floor(fc).astype(int)

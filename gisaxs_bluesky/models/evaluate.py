@@ -38,6 +38,8 @@ __all__ = [
     "psnr_gain_at_detector_resolution",
     "evaluate_simulated",
     "evaluate_instruments",
+    "cross_setup_figures",
+    "latent_separation",
     "baseline_bins",
     "homogeneity",
     "evaluate_real",
@@ -249,34 +251,54 @@ def evaluate_cross_instrument(
     dose: float = 3.0,
     seed: int = 31_000,
 ) -> dict:
-    """One set of samples measured on two held-out set-ups, streamed in random order through
-    one fresh calibrated binner: the fraction of (frame on one, frame on the other) pairs of
-    the same sample that share a bin (issue target >= 90 %), the same for pairs of different
-    samples (merges), ARI of bins vs sample over both, how often a frame's nearest frame on
-    the other set-up (identity latents) is the same sample; and log block means + PCA (+
-    k-means with the true number of samples) on the same frames."""
+    """One set of samples measured on two held-out set-ups (:func:`cross_setup_figures`)."""
     if not isinstance(qencoder, QEncoder):
         qencoder = QEncoder(qencoder)
-    a, b = instruments
     sets = [_held_out_frames(name, n_identities, frames_per_identity, dose, seed)
-            for name in (a, b)]
-    latent, err, ids, side, frames, masks, q_in = [], [], [], [], [], [], []
-    for k, (fr, ms, idk, *_, geometry) in enumerate(sets):
-        x = qencoder.inputs(np.stack(fr), geometry.instrument(), ms[0])
-        out = qencoder.encode_inputs(x)
-        q_in.append(x.cpu().numpy() if hasattr(x, "cpu") else x)
+            for name in instruments]
+    return {"instruments": list(instruments), "dose_counts": dose,
+            **cross_setup_figures(qencoder, sets, seed=seed)}
+
+
+def cross_setup_figures(encoder, sets, *, seed: int = 0) -> dict:
+    """The same samples measured on two set-ups, streamed in random order through one fresh
+    calibrated binner: the fraction of (frame on one, frame on the other) pairs of the same
+    sample that share a bin (issue target >= 90 %), the same for pairs of different samples
+    (merges), ARI of bins vs sample over both, how often a frame's nearest frame on the other
+    set-up (identity latents) is the same sample, and per set-up structure accuracy, radius /
+    distance relative RMS and clean frames flagged; log block means + PCA (+ k-means with the
+    true number of samples) on the same frames alongside.
+
+    ``sets``: two (frames, masks, sample ids, structure index, radius nm, distance nm,
+    :class:`~gisaxs_bluesky.sim.geometry.Geometry`) tuples, the ids shared between them. A
+    :class:`QEncoder` remaps each set with its geometry (and the model-free q-grid template
+    baseline is added); a pixel :class:`Encoder` takes the pixels as they are."""
+    is_q = isinstance(encoder, QEncoder)
+    latent, err, ids, side, frames, masks, q_in, per_setup = [], [], [], [], [], [], [], []
+    for k, (fr, ms, idk, structure, radius, distance, geometry) in enumerate(sets):
+        if is_q:
+            x = encoder.inputs(list(fr), geometry.instrument(), ms[0])
+            out = encoder.encode_inputs(x)
+            q_in.append(x.cpu().numpy() if hasattr(x, "cpu") else x)
+        else:
+            out = encoder.encode(np.stack(fr), ms[0])
         latent.append(out.identity_latent)
         err.append(out.recon_error)
-        ids.append(idk)
+        ids.append(np.asarray(idk))
         side.append(np.full(len(idk), k))
-        frames += fr
-        masks += ms
+        frames += list(fr)
+        masks += list(ms)
+        per_setup.append(_estimates(out, np.asarray(structure), np.asarray(radius),
+                                    np.asarray(distance, dtype=float)))
     latent, err = np.concatenate(latent), np.concatenate(err)
     ids, side = np.concatenate(ids), np.concatenate(side)
+    n_identities = len(np.unique(ids))
     order = np.random.default_rng(seed).permutation(len(ids))
-    assigned = make_binner(qencoder.encoder).assign(latent[order], err[order])
+    assigned = make_binner(plain_encoder(encoder)).assign(latent[order], err[order])
     bins = np.empty_like(assigned.bin_id)
     bins[order] = assigned.bin_id
+    flagged = np.empty_like(assigned.is_outlier)
+    flagged[order] = assigned.is_outlier
     base = baseline_bins(frames, masks, n_identities, seed=seed)
 
     def pairs(labels: np.ndarray) -> tuple[float, float]:
@@ -299,9 +321,9 @@ def evaluate_cross_instrument(
     same, other = pairs(bins)
     base_same, base_other = pairs(base)
     base_features = baseline_features(frames, masks)
-    return {
-        "instruments": list(instruments),
-        "dose_counts": dose,
+    for k, row in enumerate(per_setup):
+        row["outlier_fraction_clean"] = float(flagged[side == k].mean())
+    report = {
         "frames": int(len(ids)),
         "bins": int(len(np.unique(bins))),
         "pairs_same_sample_in_one_bin": same,
@@ -310,13 +332,41 @@ def evaluate_cross_instrument(
         "nearest_across_same_sample": nearest_across(latent),
         "chance": 1.0 / n_identities,
         "outlier_fraction_clean": float(assigned.is_outlier.mean()),
+        "per_setup": per_setup,
         "baseline_nearest_across_same_sample": nearest_across(base_features),
         "baseline_pairs_same_sample_in_one_bin": base_same,
         "baseline_pairs_other_samples_in_one_bin": base_other,
         "baseline_ari_vs_identity": adjusted_rand_index(ids, base),
-        # the q grid without a model: 4 x 4 blocks over what both frames see, level-free
-        "qgrid_baseline_nearest_across_same_sample": nearest_across(
-            None, qgrid_template_distances(np.concatenate(q_in))),
+    }
+    if is_q:  # the q grid without a model: 4 x 4 blocks over what both frames see, level-free
+        report["qgrid_baseline_nearest_across_same_sample"] = nearest_across(
+            None, qgrid_template_distances(np.concatenate(q_in)))
+    return report
+
+
+def latent_separation(latent: np.ndarray, ids: np.ndarray, binner: OnlineBinner) -> dict:
+    """How far apart the identity latents of one sample's frames and of other samples' frames
+    lie, beside the distance at which the calibrated binner joins a frame to a bin: what
+    binning can reach with these latents whatever the binner's calibration."""
+    z = np.asarray(latent, dtype=np.float64)
+    d = np.sqrt(((z[:, None] - z[None]) ** 2).sum(-1))
+    same = np.asarray(ids)[:, None] == np.asarray(ids)[None]
+    within = d[same & ~np.eye(len(z), dtype=bool)]
+    return {
+        "latent_same_sample_q95": float(np.quantile(within, 0.95)) if within.size else None,
+        "latent_other_samples_q05": float(np.quantile(d[~same], 0.05)) if (~same).any() else None,
+        "binner_join_distance": float(binner.config.join_radius * binner.spread),
+    }
+
+
+def _estimates(out, structure: np.ndarray, radius: np.ndarray, distance: np.ndarray) -> dict:
+    """Structure accuracy and radius / distance (lattice classes only) relative RMS."""
+    lattice = LATTICE[structure]
+    return {
+        "structure_accuracy": float((out.structure_prob.argmax(1) == structure).mean()),
+        "radius_rel_rmse": float(np.sqrt(np.mean((out.radius_nm / radius - 1) ** 2))),
+        "distance_rel_rmse": float(np.sqrt(np.mean(
+            (out.distance_nm / distance - 1)[lattice] ** 2))) if lattice.any() else None,
     }
 
 
@@ -352,7 +402,6 @@ def evaluate_instruments(
             assigned = binner.assign(out.identity_latent[order], out.recon_error[order])
             bins = np.empty_like(assigned.bin_id)
             bins[order] = assigned.bin_id
-            lattice = LATTICE[structure]
             base = baseline_bins(frames, masks, n_identities, seed=seed)
             per_dose[f"{dose:g}"] = {
                 "frames": int(len(ids)),
@@ -360,10 +409,8 @@ def evaluate_instruments(
                 "ari_vs_identity": adjusted_rand_index(ids, bins),
                 "homogeneity_structure": homogeneity(structure, bins),
                 "outlier_fraction_clean": float(assigned.is_outlier.mean()),
-                "structure_accuracy": float((out.structure_prob.argmax(1) == structure).mean()),
-                "radius_rel_rmse": float(np.sqrt(np.mean((out.radius_nm / radius - 1) ** 2))),
-                "distance_rel_rmse": float(np.sqrt(np.mean(
-                    (out.distance_nm / distance - 1)[lattice] ** 2))) if lattice.any() else None,
+                **_estimates(out, structure, radius, distance),
+                **latent_separation(out.identity_latent, ids, binner),
                 "baseline_ari_vs_identity": adjusted_rand_index(ids, base),
                 "baseline_homogeneity_structure": homogeneity(structure, base),
             }

@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 
+from gisaxs_bluesky.models import make_binner
 from gisaxs_bluesky.models.dataset import DatasetSpec, generate
 from gisaxs_bluesky.models.qmodel import QEncoder, is_qgrid_card, load_qencoder
 from gisaxs_bluesky.models.train import train
@@ -81,6 +82,20 @@ def test_held_out_instrument_report_with_the_baseline_alongside(q_model):
                 "outlier_fraction_clean", "structure_accuracy"):
         assert 0.0 <= row[key] <= 1.0
     assert row["radius_rel_rmse"] >= 0
+    assert row["latent_same_sample_q95"] >= 0 and row["latent_other_samples_q05"] >= 0
+    assert row["binner_join_distance"] == pytest.approx(
+        make_binner(encoder.encoder).config.join_radius * make_binner(encoder.encoder).spread)
+
+
+def test_latent_separation_on_known_latents():
+    from gisaxs_bluesky.binning import OnlineBinner
+    from gisaxs_bluesky.models.evaluate import latent_separation
+
+    z = np.array([[0.0, 0.0], [0.0, 1.0], [10.0, 0.0], [10.0, 1.0]])
+    row = latent_separation(z, np.array([0, 0, 1, 1]), OnlineBinner(spread=3.0))
+    assert row["latent_same_sample_q95"] == pytest.approx(1.0)
+    assert row["latent_other_samples_q05"] == pytest.approx(10.0)
+    assert row["binner_join_distance"] == pytest.approx(3.0 * OnlineBinner().config.join_radius)
 
 
 def test_cross_instrument_report(q_model):
@@ -106,6 +121,27 @@ def test_cross_instrument_report(q_model):
         assert row["pairs_same_sample_in_one_bin"] == row["pairs_other_samples_in_one_bin"] == 1
     # the baseline has as many clusters as samples: some pair shares one, not all do
     assert row["baseline_pairs_other_samples_in_one_bin"] < 1.0
+    assert len(row["per_setup"]) == 2
+    for side in row["per_setup"]:
+        assert 0.0 <= side["structure_accuracy"] <= 1.0 and side["radius_rel_rmse"] >= 0
+    # each set-up has 6 of the 12 frames: the flagged fractions average to the whole
+    assert np.mean([s["outlier_fraction_clean"] for s in row["per_setup"]]) == pytest.approx(
+        row["outlier_fraction_clean"])
+
+
+def test_cross_setup_figures_take_a_pixel_model_as_it_is():
+    """The shipped pixel model on the same two sets (its pixels, no remap): the same figures,
+    without the q-grid template baseline, which needs q-grid input."""
+    from gisaxs_bluesky.models import load_pretrained
+    from gisaxs_bluesky.models.evaluate import _held_out_frames, cross_setup_figures
+
+    sets = [_held_out_frames(name, 3, 2, 3.0, seed=7)
+            for name in ("p03_pilatus1m_2.4m", "lab_ccd1024_cu_1.2m")]
+    row = cross_setup_figures(load_pretrained("cpu"), sets, seed=7)
+    assert row["frames"] == 12 and row["chance"] == pytest.approx(1 / 3)
+    assert "qgrid_baseline_nearest_across_same_sample" not in row
+    assert 1 <= row["bins"] <= 12 and -1.0 <= row["ari_vs_identity"] <= 1.0
+    assert [len(s) for s in row["per_setup"]] == [4, 4]
 
 
 def test_homogeneity_and_baseline_on_separable_frames():
