@@ -191,9 +191,8 @@ class QEncoder:
         numpy on CPU, a tensor on a GPU."""
         table = remap_table(geometry, self.grid, mask)
         if self.device.type == "cuda":
-            t = (torch.stack([torch.as_tensor(np.asarray(f)) for f in frames])
-                 if isinstance(frames, list | tuple) else torch.as_tensor(np.asarray(frames)))
-            t = t.to(self.device, non_blocking=True)
+            # one host array to copy over (a list is stacked, mixed dtypes given one)
+            t = torch.as_tensor(np.asarray(frames)).to(self.device, non_blocking=True)
             return q_inputs(remap_torch(table, t), table)[0]
         return q_inputs(remap(table, frames), table)[0]
 
