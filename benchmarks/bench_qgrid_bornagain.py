@@ -34,7 +34,7 @@ from bench_proxy_beamtime import bornagain_pattern
 from gisaxs_bluesky.models import load_pretrained
 from gisaxs_bluesky.models.evaluate import cross_setup_figures
 from gisaxs_bluesky.models.qmodel import load_qencoder
-from gisaxs_bluesky.sim import Geometry, Sample
+from gisaxs_bluesky.sim import Sample
 from gisaxs_bluesky.sim.instruments import HELD_OUT
 from gisaxs_bluesky.sim.simulate import nominal_mask
 
@@ -51,29 +51,27 @@ SAMPLES = (  # structure, radius nm, distance nm (None: dilute)
 )
 
 
-def measure(pattern: np.ndarray, geometry: Geometry, dose: float,
-            rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """One frame at ``dose`` counts per valid pixel (median): Poisson, gaps -1, beamstop
-    shadow; and the set-up's mask (gaps and beamstop)."""
-    mask = nominal_mask(geometry)
+def measure(pattern: np.ndarray, mask: np.ndarray, gaps: np.ndarray, dose: float,
+            rng: np.random.Generator) -> np.ndarray:
+    """One frame at ``dose`` counts per valid pixel (median): Poisson, gaps -1, and the
+    beamstop's shadow (``mask`` without the gaps)."""
     lam = pattern * (dose / np.median(pattern[~mask]))
-    gaps = geometry.detector.gap_mask()
     lam[mask & ~gaps] *= 1e-4  # the beamstop's shadow
     counts = rng.poisson(lam).astype(np.int32)
     counts[gaps] = -1
-    return counts, mask
+    return counts
 
 
 def frame_set(name: str, n_frames: int, dose: float, seed: int) -> tuple:
     geometry = HELD_OUT[name]
+    mask, gaps = nominal_mask(geometry), geometry.detector.gap_mask()  # the set-up's, once
     rng = np.random.default_rng(seed)
     frames, masks, ids, structure, radius, distance = [], [], [], [], [], []
     for i, (kind, r, d) in enumerate(SAMPLES):
         pattern = bornagain_pattern(kind, r, d, geometry)
         index = Sample(kind, radius_nm=r, distance_nm=d or 30.0).structure_index
         for _ in range(n_frames):
-            counts, mask = measure(pattern, geometry, dose, rng)
-            frames.append(counts)
+            frames.append(measure(pattern, mask, gaps, dose, rng))
             masks.append(mask)
             ids.append(i)
             structure.append(index)

@@ -152,20 +152,18 @@ def remap(table: RemapTable, frames, *, threads: int | None = None) -> RemapStat
     out = np.zeros((6, n, table.n_bins), dtype=np.float32)
     pool = _pool() if threads is None or threads > 1 else None
     workers = 1 if pool is None else (threads or pool._max_workers)
-    if workers == 1:
-        _gather_frames(flats, table, range(n), 0, table.n_bins, out)
-    elif n >= workers:
-        jobs = [pool.submit(_gather_frames, flats, table, range(k, n, workers), 0,
-                            table.n_bins, out) for k in range(workers)]
-        for job in jobs:
-            job.result()
-    else:
+    if n < workers:
         # equal shares of table entries (not of bins: most pixels sit in a few rows of bins)
         cuts = np.searchsorted(table.indptr, np.linspace(0, table.indptr[-1], workers + 1))
         cuts[0], cuts[-1] = 0, table.n_bins
-        jobs = [pool.submit(_gather_frames, flats, table, range(n), int(a), int(b), out)
-                for a, b in zip(cuts[:-1], cuts[1:], strict=True) if b > a]
-        for job in jobs:
+        shares = [(range(n), int(a), int(b))
+                  for a, b in zip(cuts[:-1], cuts[1:], strict=True) if b > a]
+    else:  # whole frames per thread (one share when single-threaded)
+        shares = [(range(k, n, workers), 0, table.n_bins) for k in range(workers)]
+    if len(shares) == 1:
+        _gather_frames(flats, table, *shares[0], out)
+    else:
+        for job in [pool.submit(_gather_frames, flats, table, *share, out) for share in shares]:
             job.result()
     out = out.reshape(6, n, *table.grid.shape)
     return RemapStats(*out)

@@ -83,8 +83,8 @@ def test_held_out_instrument_report_with_the_baseline_alongside(q_model):
         assert 0.0 <= row[key] <= 1.0
     assert row["radius_rel_rmse"] >= 0
     assert row["latent_same_sample_q95"] >= 0 and row["latent_other_samples_q05"] >= 0
-    assert row["binner_join_distance"] == pytest.approx(
-        make_binner(encoder.encoder).config.join_radius * make_binner(encoder.encoder).spread)
+    binner = make_binner(encoder.encoder)
+    assert row["binner_join_distance"] == pytest.approx(binner.config.join_radius * binner.spread)
 
 
 def test_latent_separation_on_known_latents():
